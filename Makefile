@@ -1,0 +1,69 @@
+# atomnet: the README's commands. Every target installs what it needs first, so
+# `make demo` and `make test` work from a clean clone on a fresh Debian 12 machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+VENV     := .venv
+PY       := $(VENV)/bin/python
+OBJDIR   := ctl/bpf/objects
+BPF_DIR  := bpf
+BPF_SRC  := $(wildcard $(BPF_DIR)/*.c)
+BPF_HDRS := $(wildcard $(BPF_DIR)/include/*.h)
+BPF_OBJS := $(patsubst $(BPF_DIR)/%.c,$(OBJDIR)/%.o,$(BPF_SRC))
+CLANG    ?= clang
+BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
+
+# Debian packages: build toolchain, bcc's Python bindings, and what tests/demo run.
+APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 \
+	etcd-server etcd-client iperf3 nginx-light wrk socat iputils-ping tcpdump shellcheck
+
+.PHONY: setup apt venv build test test-unit test-prog test-e2e bench demo demo-clean clean
+
+setup: apt venv
+
+# Installs only what is missing (dpkg-query is fast), so this runs every time.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		[ "$$(id -u)" = 0 ] || { echo "need root to install:" $$missing >&2; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The OS Python with --system-site-packages: bcc's bindings come from python3-bpfcc.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+build: setup $(BPF_OBJS)
+
+$(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
+	@command -v $(CLANG) >/dev/null || { echo "clang not found: apt-get install clang llvm" >&2; exit 1; }
+	@mkdir -p $(OBJDIR)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+test: build
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/prog tests/e2e
+
+test-unit: build
+	$(PY) -m pytest -q tests/unit
+test-prog: build
+	$(PY) -m pytest -q tests/prog
+test-e2e: build
+	$(PY) -m pytest -q tests/e2e
+
+demo: build
+	$(PY) -m ctl.demo
+
+demo-clean: venv
+	$(PY) -m ctl.demo --remove
+
+bench: build
+	$(PY) -m pytest -q tests/bench
+
+clean:
+	rm -rf $(OBJDIR) $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""Object loading, BPF syscalls, typed maps and tc attachment."""

@@ -1,0 +1,169 @@
+"""Loads atomnet's compiled objects into the kernel against maps pinned under one bpffs root.
+
+Layout under the root (default /sys/fs/bpf/atomnet):
+    maps/NAME    every map with LIBBPF_PIN_BY_NAME (shared by all programs and daemon generations)
+    progs/NAME   the programs currently attached (inspection, explain, next generation)
+
+A pinned map is reused when its definition (type, sizes, entries, flags) matches the
+object's; otherwise a fresh map is created and pinned only by commit(), after the
+caller has filled it and attached the programs that use it, so traffic never meets
+an empty map.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from . import syscalls as sc
+from .elf import BpfObject, MapDef, patch_map_fds
+from .maps import Map, mirror
+from ..errors import AtomnetError
+
+log = structlog.get_logger("atomnet.loader")
+
+DEFAULT_BPFFS = "/sys/fs/bpf/atomnet"
+BPF_FS_MAGIC = 0xCAFE4A11
+OBJECT_NAMES = ("from_pod",)  # bpf/NAME.c, one per attach point
+
+
+def objects_dir() -> Path:
+    return Path(os.environ.get("ATOMNET_BPF_OBJECTS", Path(__file__).parent / "objects"))
+
+
+def object_path(name: str) -> Path:
+    return objects_dir() / f"{name}.o"
+
+
+def map_catalog() -> dict[str, MapDef]:
+    """Every map any built object defines, by name (the definitions are shared via maps.h)."""
+    out: dict[str, MapDef] = {}
+    for name in OBJECT_NAMES:
+        obj = BpfObject(object_path(name))
+        out.update(obj.maps)
+        obj.close()
+    return out
+
+
+def _fs_type(path: str) -> int:
+    class Statfs(ct.Structure):
+        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_byte * 112)]
+    libc = ct.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = Statfs()
+    if libc.statfs(path.encode(), ct.byref(buf)) != 0:
+        raise AtomnetError(f"statfs {path}: {os.strerror(ct.get_errno())}")
+    return buf.f_type & 0xFFFFFFFF
+
+
+def ensure_bpffs(root: str) -> None:
+    """Mounts a bpffs where the root needs one (like `mount -t bpf bpf /sys/fs/bpf`), then creates the root."""
+    probe = Path(root)
+    while not probe.exists():
+        probe = probe.parent
+    if _fs_type(str(probe)) != BPF_FS_MAGIC:
+        target = "/sys/fs/bpf" if root.startswith("/sys/fs/bpf/") else root
+        Path(target).mkdir(parents=True, exist_ok=True)
+        libc = ct.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.mount(b"bpf", target.encode(), b"bpf", 0, b"mode=0700") != 0:
+            raise AtomnetError(f"cannot mount bpffs at {target}: {os.strerror(ct.get_errno())}")
+        log.info("bpffs_mounted", path=target)
+    for sub in ("maps", "progs"):
+        Path(root, sub).mkdir(parents=True, exist_ok=True)
+
+
+def definition_matches(info: sc.BpfMapInfo, d: MapDef) -> bool:
+    return (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags) == (
+        d.type, d.key_size, d.value_size, d.max_entries, d.flags)
+
+
+def open_map(path: Path, d: MapDef) -> Map:
+    fd = sc.obj_get(str(path))
+    return Map(fd, mirror(d.key_type, d.key_size), mirror(d.value_type, d.value_size), d.name)
+
+
+@dataclass
+class Loaded:
+    maps: dict[str, Map] = field(default_factory=dict)
+    programs: dict[str, int] = field(default_factory=dict)   # name -> prog fd
+    unpinned: list[str] = field(default_factory=list)          # maps created anew, pinned by commit()
+
+
+class Loader:
+    def __init__(self, root: str = DEFAULT_BPFFS):
+        self.root = Path(root)
+
+    def map_pin(self, name: str) -> Path:
+        return self.root / "maps" / name
+
+    def prog_pin(self, name: str) -> Path:
+        return self.root / "progs" / name
+
+    def ensure_maps(self, defs: dict[str, MapDef], loaded: Loaded) -> None:
+        for d in defs.values():
+            if d.name in loaded.maps:
+                continue
+            pin = self.map_pin(d.name)
+            if d.pinned and pin.exists():
+                m = open_map(pin, d)
+                if definition_matches(m.info, d):
+                    loaded.maps[d.name] = m
+                    log.debug("map_reused", map=d.name, id=m.id)
+                    continue
+                log.warning("map_definition_changed", map=d.name, pinned_id=m.id,
+                            pinned_max_entries=m.info.max_entries, wanted_max_entries=d.max_entries)
+                m.close()
+            fd = sc.create_map(d.type, d.name, d.key_size, d.value_size, d.max_entries, d.flags)
+            loaded.maps[d.name] = Map(fd, mirror(d.key_type, d.key_size), mirror(d.value_type, d.value_size), d.name)
+            if d.pinned:
+                loaded.unpinned.append(d.name)
+            log.info("map_created", map=d.name, id=loaded.maps[d.name].id, max_entries=d.max_entries)
+
+    def load(self, names=OBJECT_NAMES) -> Loaded:
+        """Opens or creates every map, then loads every program against them (not attached, not pinned)."""
+        loaded = Loaded()
+        try:
+            for name in names:
+                obj = BpfObject(object_path(name))
+                self.ensure_maps(obj.maps, loaded)
+                fds = {m: loaded.maps[m].fd for m in obj.maps}
+                for prog in obj.programs.values():
+                    loaded.programs[prog.name] = sc.load_program(
+                        sc.BPF_PROG_TYPE_SCHED_CLS, prog.name, patch_map_fds(prog, fds), obj.license)
+                    log.info("program_loaded", program=prog.name, id=sc.prog_info(loaded.programs[prog.name]).id)
+                obj.close()
+        except Exception:
+            close_loaded(loaded)
+            raise
+        return loaded
+
+    def commit(self, loaded: Loaded) -> None:
+        """After the programs are attached: pin new maps (replacing stale pins) and the programs."""
+        for name in loaded.unpinned:
+            _replace_pin(self.map_pin(name), loaded.maps[name].fd)
+        loaded.unpinned.clear()
+        for name, fd in loaded.programs.items():
+            _replace_pin(self.prog_pin(name), fd)
+
+    def pinned_program(self, name: str) -> int:
+        pin = self.prog_pin(name)
+        if not pin.exists():
+            raise AtomnetError(f"program {name} is not pinned under {self.root}: is the daemon running?")
+        return sc.obj_get(str(pin))
+
+
+def _replace_pin(path: Path, fd: int) -> None:
+    # A pin cannot be overwritten; unlinking first leaves a moment with no pin, which is
+    # harmless: attached programs and open fds hold the objects, not the pins.
+    path.unlink(missing_ok=True)
+    sc.obj_pin(fd, str(path))
+
+
+def close_loaded(loaded: Loaded) -> None:
+    for m in loaded.maps.values():
+        m.close()
+    for fd in loaded.programs.values():
+        sc.close(fd)

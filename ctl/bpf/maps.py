@@ -1,0 +1,105 @@
+"""Typed access to BPF maps: keys and values are the ctypes mirrors of types.h."""
+from __future__ import annotations
+
+import ctypes as ct
+from functools import cache
+from typing import Iterator
+
+from . import syscalls as sc
+from .types import MIRRORS, Mirror
+from ..errors import AtomnetError
+
+
+@cache
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per *possible* CPU (not online): /sys says how many."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+def mirror(type_name: str, size: int) -> type[Mirror]:
+    cls = MIRRORS.get(type_name)
+    if cls is None:
+        raise AtomnetError(f"no Python mirror for C type {type_name}: add it to ctl/bpf/types.py")
+    if ct.sizeof(cls) != size:
+        raise AtomnetError(f"mirror {cls.__name__} is {ct.sizeof(cls)} bytes, the map says {size}")
+    return cls
+
+
+class Map:
+    """An open map fd with its key/value mirrors. Per-CPU values come back as a list, one per CPU."""
+
+    def __init__(self, fd: int, key_cls: type[Mirror], value_cls: type[Mirror], name: str | None = None):
+        self.fd = fd
+        self.info = sc.map_info(fd)
+        self.name = name or self.info.name.decode()
+        self.key_cls = key_cls
+        self.value_cls = value_cls
+        self.percpu = self.info.type in sc.PERCPU_MAP_TYPES
+
+    @property
+    def id(self) -> int:
+        return self.info.id
+
+    def _value_buffer(self):
+        if self.percpu:
+            # The kernel copies each CPU's value rounded up to 8 bytes.
+            assert ct.sizeof(self.value_cls) % 8 == 0, "per-CPU values must be 8-byte multiples"
+            return (self.value_cls * possible_cpus())()
+        return self.value_cls()
+
+    def get(self, key: Mirror):
+        value = self._value_buffer()
+        if not sc.lookup(self.fd, key, value):
+            return None
+        return list(value) if self.percpu else value
+
+    def put(self, key: Mirror, value: Mirror) -> None:
+        if self.percpu:
+            values = (self.value_cls * possible_cpus())(*([value] * possible_cpus()))
+            sc.update(self.fd, key, values)
+        else:
+            sc.update(self.fd, key, value)
+
+    def delete(self, key: Mirror) -> bool:
+        return sc.delete(self.fd, key)
+
+    def keys(self) -> Iterator[Mirror]:
+        cur = None
+        while True:
+            nxt = self.key_cls()
+            if not sc.next_key(self.fd, cur, nxt):
+                return
+            yield nxt
+            cur = nxt
+
+    def items(self) -> Iterator[tuple[Mirror, object]]:
+        for key in list(self.keys()):
+            value = self.get(key)
+            if value is not None:  # deleted between iteration and lookup
+                yield key, value
+
+    def put_many(self, pairs: list[tuple[Mirror, Mirror]]) -> None:
+        """One BPF_MAP_UPDATE_BATCH syscall for many entries (falls back per entry for per-CPU maps)."""
+        if not pairs:
+            return
+        if self.percpu:
+            for k, v in pairs:
+                self.put(k, v)
+            return
+        keys = (self.key_cls * len(pairs))(*[k for k, _ in pairs])
+        values = (self.value_cls * len(pairs))(*[v for _, v in pairs])
+        sc.update_batch(self.fd, keys, values, len(pairs))
+
+    def close(self) -> None:
+        sc.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,205 @@
+"""The `atomnet` command. State verbs write the store (the daemon applies them);
+inspection verbs read this node's live dataplane.
+
+Errors are one line on stderr and exit status 1 (2 for usage), never a traceback
+(ATOMNET_DEBUG=1 shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from .errors import AtomnetError
+from .output import emit
+
+DEFAULT_STORE = "sqlite:///var/lib/atomnet/state.db"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Global flags, accepted before or after the verb."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    parser.add_argument("--store", default=d(os.environ.get("ATOMNET_STORE", DEFAULT_STORE)),
+                        help="store URL: sqlite:///PATH or etcd://HOST:PORT (env ATOMNET_STORE)")
+    parser.add_argument("--node", default=d(os.environ.get("ATOMNET_NODE") or socket.gethostname()),
+                        help="this node's name (env ATOMNET_NODE, default hostname)")
+    parser.add_argument("--bpffs", default=d(os.environ.get("ATOMNET_BPFFS", "/sys/fs/bpf/atomnet")),
+                        help="bpffs directory for pinned maps and programs (env ATOMNET_BPFFS)")
+    parser.add_argument("-j", "--json", action="store_true", default=d(False), help="JSON output")
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    _globals(common, suppress=True)
+    p = Parser(prog="atomnet", description="eBPF container networking: pods, overlay, services, forwards")
+    _globals(p, suppress=False)
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
+
+    def verb(parent, name, help_text):
+        return parent.add_parser(name, help=help_text, parents=[common])
+
+    net = verbs.add_parser("network", help="cluster network").add_subparsers(dest="action", required=True, parser_class=Parser)
+    init = verb(net, "init", "write the cluster network config (flannel format)")
+    init.add_argument("--cidr", required=True)
+    init.add_argument("--subnet-len", type=int, default=24)
+    init.add_argument("--service-cidr", default="10.96.0.0/12")
+    verb(net, "show", "show the network config and this node's subnet")
+
+    d = verb(verbs, "daemon", "run the node's controller (root)")
+    d.add_argument("--uplink", help="the node's uplink interface")
+    d.add_argument("--public-ip", help="this node's address on the underlay")
+    d.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
+    d.add_argument("--log-format", choices=["json", "console"], default="json")
+    d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    d.add_argument("--lease-ttl", type=float, default=None, help=argparse.SUPPRESS)
+
+    pod = verbs.add_parser("pod", help="pods").add_subparsers(dest="action", required=True, parser_class=Parser)
+    add = verb(pod, "add", "create a pod: namespace, veth, address")
+    add.add_argument("name")
+    add.add_argument("--label", action="append", default=[], metavar="K=V")
+    add.add_argument("--netns", help="use this existing namespace (path or name under /run/netns)")
+    rm = verb(pod, "del", "delete a pod (idempotent)")
+    rm.add_argument("name")
+    verb(pod, "list", "list pods")
+
+    prog = verbs.add_parser("prog", help="BPF programs").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(prog, "show", "programs pinned by atomnet on this node")
+    netv = verbs.add_parser("net", help="attachments").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(netv, "show", "tc BPF attachments on this node's links")
+    mp = verbs.add_parser("map", help="BPF maps").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(mp, "list", "maps pinned by atomnet")
+    dump = verb(mp, "dump", "decoded entries of a map")
+    dump.add_argument("name")
+    ep = verbs.add_parser("endpoint", help="endpoints").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(ep, "list", "pods programmed in this node's dataplane")
+    verb(verbs, "stats", "dataplane counters: deliveries and drops by reason")
+    return p
+
+
+def _store(args):
+    from .store import open_store
+    return open_store(args.store)
+
+
+def _loader(args):
+    from .bpf.loader import Loader
+    return Loader(args.bpffs)
+
+
+def _pod_row(pod) -> dict:
+    d = pod.to_dict()
+    d.pop("netns_owned")
+    return d
+
+
+POD_COLUMNS = ["name", "node", "ip", "netns", "ifname", "host_ifname", "mac", "labels"]
+
+
+def run(args) -> int:
+    verb = (args.verb, getattr(args, "action", None))
+    if verb == ("network", "init"):
+        from .cluster import init_network
+        with _store(args) as store:
+            cfg, cluster = init_network(store, args.cidr, args.subnet_len, args.service_cidr)
+        emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
+              "service_cidr": cluster.service_cidr}, args.json)
+    elif verb == ("network", "show"):
+        from .cluster import load_cluster_config, load_network, load_node
+        with _store(args) as store:
+            cfg, cluster, node = load_network(store), load_cluster_config(store), load_node(store, args.node)
+        emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
+              "service_cidr": cluster.service_cidr, "node": args.node,
+              "subnet": node.subnet if node else None}, args.json)
+    elif verb[0] == "daemon":
+        return _daemon(args)
+    elif verb == ("pod", "add"):
+        from .model import parse_labels
+        from .pods import add_pod
+        labels = parse_labels(args.label)
+        with _store(args) as store:
+            emit(_pod_row(add_pod(store, args.node, args.name, labels, args.netns)), args.json, POD_COLUMNS)
+    elif verb == ("pod", "del"):
+        from .pods import delete_pod
+        with _store(args) as store:
+            gone = delete_pod(store, args.node, args.name)
+        if args.json:
+            emit([_pod_row(gone)] if gone else [], True)
+        else:
+            print(f"pod {args.name} deleted" if gone else f"pod {args.name} not found (nothing to do)")
+    elif verb == ("pod", "list"):
+        from .pods import list_pods
+        with _store(args) as store:
+            emit([_pod_row(p) for p in list_pods(store)], args.json, POD_COLUMNS, "no pods")
+    elif verb == ("prog", "show"):
+        from .inspect import prog_show
+        emit(prog_show(_loader(args)), args.json,
+             ["id", "name", "type", "tag", "loaded_at", "map_ids", "run_cnt", "pinned"], "no programs")
+    elif verb == ("net", "show"):
+        from .inspect import net_show
+        emit(net_show(), args.json, ["ifname", "ifindex", "direction", "prog_id", "name", "prio", "handle",
+                                     "direct_action"], "no tc BPF attachments")
+    elif verb == ("map", "list"):
+        from .inspect import map_list
+        emit(map_list(_loader(args)), args.json,
+             ["id", "name", "type", "key_size", "value_size", "max_entries", "entries", "pinned"])
+    elif verb == ("map", "dump"):
+        from .inspect import map_dump
+        emit(map_dump(_loader(args), args.name), args.json, ["key", "value"], "(empty)")
+    elif verb == ("endpoint", "list"):
+        from .inspect import endpoint_list
+        from .pods import list_pods
+        try:
+            with _store(args) as store:
+                names = {p.ip: p.name for p in list_pods(store, args.node)}
+        except AtomnetError:
+            names = {}  # the dataplane is readable even when the store is not
+        emit(endpoint_list(_loader(args), names), args.json, empty="no endpoints")
+    elif verb[0] == "stats":
+        from .inspect import counters
+        emit(counters(_loader(args)), args.json)
+    return 0
+
+
+def _daemon(args) -> int:
+    from . import logs
+    from .daemon import Daemon
+    logs.configure(args.log_format, args.log_level)
+    if args.metrics:
+        raise AtomnetError("--metrics is not available yet in this version")
+    if os.geteuid() != 0:
+        raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
+    kwargs = {"lease_ttl": args.lease_ttl} if args.lease_ttl else {}
+    with _store(args) as store:
+        Daemon(store, args.node, args.bpffs, args.uplink, args.public_ip, **kwargs).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verb != "daemon":
+        from . import logs
+        logs.configure("console", os.environ.get("ATOMNET_LOG_LEVEL", "warning"))
+    try:
+        return run(args)
+    except AtomnetError as exc:
+        msg = str(exc).strip()
+        sys.stderr.write(f"atomnet: {msg}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line, with the way to see more
+        if os.environ.get("ATOMNET_DEBUG"):
+            raise
+        sys.stderr.write(f"atomnet: internal error: {type(exc).__name__}: {exc} (ATOMNET_DEBUG=1 shows the traceback)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The root controller daemon: owns the dataplane of one node.
+
+Start-up order is what keeps traffic flowing across restarts and upgrades:
+  1. reuse the pinned maps (or create them) and load fresh programs against them;
+  2. fill the maps from the store (a new map is full before any program sees it);
+  3. `tc filter replace` every attachment in place (same handle/prio: no gap);
+  4. pin the new programs (and any new maps).
+Then it watches the store and reconciles on every change, and every RESYNC seconds
+anyway (links can change under it). SIGTERM stops it and leaves the programs attached
+and the maps pinned: the dataplane keeps forwarding with the last state.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import structlog
+
+from . import netplumb, pods as podlib
+from .bpf import syscalls as sc, tc
+from .bpf.loader import Loader, close_loaded, ensure_bpffs
+from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL
+from .desired import compute
+from .errors import AtomnetError
+from .reconcile import apply
+from .store import Store
+
+log = structlog.get_logger("atomnet.daemon")
+
+RESYNC_SECONDS = 5.0
+
+
+class Daemon:
+    def __init__(self, store: Store, node_name: str, bpffs: str, uplink: str | None = None,
+                 public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
+                 renew_margin: float = LEASE_RENEW_MARGIN):
+        self.store = store
+        self.node_name = node_name
+        self.loader = Loader(bpffs)
+        self.uplink = uplink
+        self.public_ip = public_ip
+        self.lease_ttl = lease_ttl
+        self.renew_margin = min(renew_margin, lease_ttl / 2)
+        self.loaded = None
+        self.lease_id = 0
+        self.lease_deadline = 0.0
+        self.stopping = False
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
+        ensure_bpffs(str(self.loader.root))
+        self.node, self.lease_id = podlib.ensure_node(self.store, self.node_name, self.public_ip, self.uplink,
+                                                      ttl=self.lease_ttl)
+        self.lease_deadline = time.monotonic() + self.lease_ttl
+        log.info("node_ready", node=self.node.name, subnet=self.node.subnet, public_ip=self.node.public_ip,
+                 uplink=self.node.uplink, pod_mtu=self.node.pod_mtu)
+        self.loaded = self.loader.load()
+        self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
+        self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
+        log.info("dataplane_ready", bpffs=str(self.loader.root),
+                 programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
+
+    def reconcile(self, force_attach: bool = False) -> None:
+        started = time.monotonic()
+        desired = compute(self.node_name, podlib.list_pods(self.store), netplumb.link_table())
+        for name in desired.missing_links:
+            log.warning("pod_link_missing", pod=name)
+        diffs = apply(self.loaded.maps, desired)
+        attached = self.sync_attachments(desired.ingress, force_attach)
+        changes = sum(len(d.upserts) + len(d.deletes) for d in diffs.values()) + attached
+        if changes:
+            log.info("reconciled", changes=changes, seconds=round(time.monotonic() - started, 4))
+
+    def sync_attachments(self, ingress: dict[int, str], force: bool) -> int:
+        """Attach where the live filter is missing or runs another program generation."""
+        count = 0
+        with netplumb.ipr() as conn:
+            for ifindex, prog_name in ingress.items():
+                fd = self.loaded.programs[prog_name]
+                want = sc.prog_info(fd).id
+                current = [f for f in tc.filters(conn, ifindex, tc.INGRESS) if f.ours]
+                if force or not current or current[0].prog_id != want:
+                    tc.attach(conn, ifindex, tc.INGRESS, fd, prog_name)
+                    log.info("program_attached", ifindex=ifindex, direction=tc.INGRESS, program=prog_name, id=want)
+                    count += 1
+        return count
+
+    def renew_lease_if_due(self) -> None:
+        if time.monotonic() < self.lease_deadline - self.renew_margin:
+            return
+        try:
+            self.store.refresh(self.lease_id)
+        except AtomnetError:
+            # Expired or revoked (e.g. the store was unreachable too long): take it again.
+            self.node, self.lease_id = podlib.ensure_node(self.store, self.node_name, self.node.public_ip,
+                                                          self.node.uplink, ttl=self.lease_ttl)
+        self.lease_deadline = time.monotonic() + self.lease_ttl
+        log.info("lease_renewed", subnet=self.node.subnet, ttl=self.lease_ttl)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.start()
+        revision = self.store.revision() + 1
+        while not self.stopping:
+            try:
+                events = self.store.watch("/", revision, timeout=min(RESYNC_SECONDS, 0.5))
+                if events:
+                    revision = events[-1].revision + 1
+                    self.reconcile()
+                elif time.monotonic() - getattr(self, "_last_resync", 0) > RESYNC_SECONDS:
+                    self._last_resync = time.monotonic()
+                    self.reconcile()
+                self.renew_lease_if_due()
+            except AtomnetError as exc:
+                log.error("reconcile_failed", error=str(exc))
+                time.sleep(1)
+        self.close()
+        log.info("daemon_stopped", note="programs stay attached, maps stay pinned")
+
+    def _stop(self, signum, _frame):
+        log.info("signal", signal=signal.Signals(signum).name)
+        self.stopping = True
+
+    def close(self) -> None:
+        if self.loaded:
+            close_loaded(self.loaded)
+            self.loaded = None

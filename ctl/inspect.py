@@ -1,0 +1,126 @@
+"""Read this node's live dataplane, like bpftool and cilium-dbg: pinned programs and maps,
+tc attachments, decoded map contents. Each function returns a list of dicts (the `-j`
+shape); the CLI only formats them."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import netplumb
+from .bpf import syscalls as sc, tc
+from .bpf.loader import Loader, map_catalog, open_map
+from .bpf.maps import Map
+from .bpf.types import CounterId
+from .errors import AtomnetError
+
+
+def _pins(loader: Loader, kind: str) -> list[Path]:
+    d = loader.root / kind
+    if not d.is_dir():
+        raise AtomnetError(f"nothing pinned under {loader.root}: has `atomnet daemon` run on this node "
+                           "(or is --bpffs/ATOMNET_BPFFS pointing elsewhere)?")
+    return sorted(d.iterdir())
+
+
+def _boot_time_ns() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def prog_show(loader: Loader) -> list[dict]:
+    out = []
+    for pin in _pins(loader, "progs"):
+        fd = sc.obj_get(str(pin))
+        try:
+            info = sc.prog_info(fd)
+            out.append({
+                "id": info.id, "name": info.name.decode(), "type": sc.PROG_TYPES.get(info.type, str(info.type)),
+                "tag": bytes(info.tag).hex(), "loaded_at": time.strftime(
+                    "%Y-%m-%dT%H:%M:%S%z", time.localtime((_boot_time_ns() + info.load_time) / 1e9)),
+                "xlated_bytes": info.xlated_prog_len, "jited_bytes": info.jited_prog_len,
+                "map_ids": sc.prog_map_ids(fd), "pinned": str(pin),
+                "run_cnt": info.run_cnt, "run_time_ns": info.run_time_ns,
+            })
+        finally:
+            sc.close(fd)
+    return out
+
+
+def net_show() -> list[dict]:
+    """Every tc BPF filter on every link of this namespace (atomnet's and others')."""
+    out = []
+    with netplumb.ipr() as conn:
+        for link in conn.get_links():
+            for direction in (tc.INGRESS, tc.EGRESS):
+                for f in tc.filters(conn, link["index"], direction):
+                    out.append({"ifname": link.get_attr("IFLA_IFNAME"), "ifindex": link["index"],
+                                "direction": direction, "prog_id": f.prog_id, "name": f.name,
+                                "prio": f.prio, "handle": f.handle, "direct_action": f.direct_action,
+                                "atomnet": f.ours})
+    return out
+
+
+def _open_pinned_maps(loader: Loader) -> list[tuple[Path, Map | None, int]]:
+    catalog = map_catalog()
+    out = []
+    for pin in _pins(loader, "maps"):
+        d = catalog.get(pin.name)
+        if d is None:  # a map this version no longer defines: show it, undecoded
+            fd = sc.obj_get(str(pin))
+            out.append((pin, None, fd))
+        else:
+            out.append((pin, open_map(pin, d), -1))
+    return out
+
+
+def map_list(loader: Loader) -> list[dict]:
+    out = []
+    for pin, m, raw_fd in _open_pinned_maps(loader):
+        info = m.info if m else sc.map_info(raw_fd)
+        entries = None
+        if m is not None:
+            entries = sum(1 for _ in m.keys())
+            m.close()
+        else:
+            sc.close(raw_fd)
+        out.append({"id": info.id, "name": pin.name, "type": sc.MAP_TYPES.get(info.type, str(info.type)),
+                    "key_size": info.key_size, "value_size": info.value_size,
+                    "max_entries": info.max_entries, "entries": entries, "flags": info.map_flags,
+                    "pinned": str(pin)})
+    return out
+
+
+def _decode_value(value) -> dict:
+    if isinstance(value, list):  # per-CPU: the sum for people, every CPU for machines
+        per_cpu = [v.to_dict() for v in value]
+        total = {k: sum(d[k] for d in per_cpu) if all(isinstance(d[k], int) for d in per_cpu) else None
+                 for k in per_cpu[0]}
+        return {**total, "per_cpu": per_cpu}
+    return value.to_dict()
+
+
+def map_dump(loader: Loader, name: str) -> list[dict]:
+    d = map_catalog().get(name)
+    pin = loader.map_pin(name)
+    if d is None:
+        raise AtomnetError(f"unknown map {name!r}: `atomnet map list` shows the maps")
+    if not pin.exists():
+        raise AtomnetError(f"map {name} is not pinned under {loader.root}: has the daemon run on this node?")
+    with open_map(pin, d) as m:
+        return [{"key": k.to_dict(), "value": _decode_value(v)} for k, v in m.items()]
+
+
+def endpoint_list(loader: Loader, pods_by_ip: dict[str, str]) -> list[dict]:
+    links = {info.ifindex: name for name, info in netplumb.link_table().items()}
+    out = []
+    for entry in map_dump(loader, "endpoints"):
+        ip, v = entry["key"]["ip"], entry["value"]
+        out.append({"ip": ip, "pod": pods_by_ip.get(ip), "ifindex": v["ifindex"],
+                    "host_ifname": links.get(v["ifindex"]), "mac": v["mac"], "node_mac": v["node_mac"]})
+    return sorted(out, key=lambda e: tuple(int(x) for x in e["ip"].split(".")))
+
+
+def counters(loader: Loader) -> list[dict]:
+    rows = {e["key"]["value"]: e["value"] for e in map_dump(loader, "counters")}
+    return [{"counter": cid.name.removeprefix("CTR_").lower(), "packets": rows.get(cid, {}).get("packets", 0),
+             "bytes": rows.get(cid, {}).get("bytes", 0)} for cid in CounterId if cid != CounterId.CTR_MAX]
+

@@ -1,0 +1,244 @@
+"""The cluster model: what is stored, validated and typed. Pure: no I/O.
+
+Store keys (../shared/DESIGN.md):
+    /coreos.com/network/config              flannel's network config
+    /coreos.com/network/subnets/A.B.C.D-N   flannel's subnet lease
+    /atomnet/config                         atomnet's cluster settings (service CIDR, ...)
+    /atomnet/nodes/NAME                     what a node told the cluster (uplink, MTU, subnet)
+    /atomnet/pods/NAME                      a pod
+    /atomnet/ipam/A.B.C.D                   an allocated pod address -> owning pod
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from .errors import AtomnetError
+
+NETWORK_CONFIG_KEY = "/coreos.com/network/config"
+SUBNETS_PREFIX = "/coreos.com/network/subnets/"
+ATOMNET_CONFIG_KEY = "/atomnet/config"
+NODES_PREFIX = "/atomnet/nodes/"
+PODS_PREFIX = "/atomnet/pods/"
+IPAM_PREFIX = "/atomnet/ipam/"
+
+# flannel's defaults (backend vxlan)
+DEFAULT_SUBNET_LEN = 24
+DEFAULT_VNI = 1
+DEFAULT_VXLAN_PORT = 8472
+DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
+DEFAULT_NODE_PORT_RANGE = "30000-32767"
+OVERLAY_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8: pod MTU = uplink MTU - 50
+
+# The pod's gateway: link-local, never routed, answered by a permanent neighbour
+# entry in the pod that points at the host-side veth (Cilium/Calico style).
+POD_GATEWAY = "169.254.1.1"
+POD_IFNAME = "eth0"
+HOST_IFNAME_PREFIX = "an"
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+class ValidationError(AtomnetError):
+    pass
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Kubernetes DNS-1123 label rules: what users already know from pod and service names."""
+    if not _NAME_RE.match(name or ""):
+        raise ValidationError(
+            f"invalid {kind} name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit")
+    return name
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _LABEL_KEY_RE.match(key) or not _LABEL_VALUE_RE.match(value):
+            raise ValidationError(f"invalid label {item!r}: use key=value (Kubernetes label syntax)")
+        labels[key] = value
+    return labels
+
+
+def parse_network(cidr: str, what: str = "cluster network") -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=True)
+    except ValueError as exc:
+        raise ValidationError(f"invalid {what} {cidr!r}: {exc}") from None
+    return net
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """flannel's /coreos.com/network/config, with flannel's defaults."""
+    network: str
+    subnet_len: int = DEFAULT_SUBNET_LEN
+    subnet_min: str | None = None
+    subnet_max: str | None = None
+    vni: int = DEFAULT_VNI
+    port: int = DEFAULT_VXLAN_PORT
+
+    def __post_init__(self):
+        net = parse_network(self.network)
+        if not net.prefixlen < self.subnet_len <= 30:
+            raise ValidationError(
+                f"subnet length {self.subnet_len} must be longer than the network's /{net.prefixlen} and at most 30")
+
+    @property
+    def net(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.network)
+
+    def subnets(self) -> list[ipaddress.IPv4Network]:
+        """Candidate node subnets between SubnetMin and SubnetMax (flannel: skip the first)."""
+        all_subnets = list(self.net.subnets(new_prefix=self.subnet_len))
+        lo = ipaddress.IPv4Address(self.subnet_min) if self.subnet_min else all_subnets[1].network_address \
+            if len(all_subnets) > 1 else all_subnets[0].network_address
+        hi = ipaddress.IPv4Address(self.subnet_max) if self.subnet_max else all_subnets[-1].network_address
+        return [s for s in all_subnets if lo <= s.network_address <= hi]
+
+    def to_json(self) -> str:
+        doc = {"Network": self.network, "SubnetLen": self.subnet_len,
+               "Backend": {"Type": "vxlan", "VNI": self.vni, "Port": self.port}}
+        if self.subnet_min:
+            doc["SubnetMin"] = self.subnet_min
+        if self.subnet_max:
+            doc["SubnetMax"] = self.subnet_max
+        return json.dumps(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NetworkConfig":
+        try:
+            doc = json.loads(text)
+            backend = doc.get("Backend") or {}
+            if backend.get("Type", "vxlan") != "vxlan":
+                raise ValidationError(f"backend type {backend.get('Type')!r} is not supported: atomnet speaks vxlan")
+            return cls(network=doc["Network"], subnet_len=int(doc.get("SubnetLen", DEFAULT_SUBNET_LEN)),
+                       subnet_min=doc.get("SubnetMin"), subnet_max=doc.get("SubnetMax"),
+                       vni=int(backend.get("VNI", DEFAULT_VNI)), port=int(backend.get("Port", DEFAULT_VXLAN_PORT)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValidationError(f"malformed network config at {NETWORK_CONFIG_KEY}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """/atomnet/config: the settings flannel's config has no place for."""
+    service_cidr: str = DEFAULT_SERVICE_CIDR
+    node_port_range: str = DEFAULT_NODE_PORT_RANGE
+
+    def __post_init__(self):
+        parse_network(self.service_cidr, "service CIDR")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ClusterConfig":
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(f"malformed {ATOMNET_CONFIG_KEY}: {exc}") from None
+
+
+def subnet_key(subnet: ipaddress.IPv4Network) -> str:
+    """flannel's key: /coreos.com/network/subnets/10.244.1.0-24"""
+    return f"{SUBNETS_PREFIX}{subnet.network_address}-{subnet.prefixlen}"
+
+
+def subnet_from_key(key: str) -> ipaddress.IPv4Network:
+    tail = key[len(SUBNETS_PREFIX):]
+    addr, _, plen = tail.partition("-")
+    return ipaddress.IPv4Network(f"{addr}/{plen}")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """flannel's subnet lease value (vxlan backend)."""
+    subnet: str
+    public_ip: str
+    vni: int
+    vtep_mac: str
+
+    def to_json(self) -> str:
+        return json.dumps({"PublicIP": self.public_ip, "PublicIPv6": None, "BackendType": "vxlan",
+                           "BackendData": {"VNI": self.vni, "VtepMAC": self.vtep_mac}})
+
+    @classmethod
+    def from_kv(cls, key: str, text: str) -> "Lease":
+        try:
+            doc = json.loads(text)
+            data = doc.get("BackendData") or {}
+            ipaddress.IPv4Address(doc["PublicIP"])
+            return cls(subnet=str(subnet_from_key(key)), public_ip=doc["PublicIP"],
+                       vni=int(data.get("VNI", DEFAULT_VNI)), vtep_mac=data.get("VtepMAC", ""))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValidationError(f"malformed subnet lease {key}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Node:
+    """/atomnet/nodes/NAME: a node's own facts, so CLI commands on it agree with its daemon."""
+    name: str
+    public_ip: str
+    uplink: str
+    mtu: int
+    subnet: str
+    vtep_mac: str
+
+    @property
+    def pod_mtu(self) -> int:
+        return self.mtu - OVERLAY_OVERHEAD
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Node":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    node: str
+    ip: str
+    netns: str
+    host_ifname: str
+    mac: str
+    labels: dict = field(default_factory=dict)
+    netns_owned: bool = True   # atomnet created the netns, so `pod del` removes it
+    ifname: str = POD_IFNAME
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Pod":
+        return cls(**json.loads(text))
+
+
+def host_ifname(pod_name: str) -> str:
+    """Host-side veth name: a stable hash of the pod name, within IFNAMSIZ (15)."""
+    return HOST_IFNAME_PREFIX + hashlib.sha1(pod_name.encode()).hexdigest()[:11]
+
+
+def vtep_mac(node_name: str) -> str:
+    """A stable, locally administered unicast MAC for the node's overlay device."""
+    b = bytearray(hashlib.sha1(b"atomnet-vtep:" + node_name.encode()).digest()[:6])
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def pod_addresses(subnet: ipaddress.IPv4Network) -> list[ipaddress.IPv4Address]:
+    """Addresses pods may get: not the network address, not .1 (kept for the node), not broadcast."""
+    hosts = list(subnet.hosts())
+    return hosts[1:]

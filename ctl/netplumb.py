@@ -1,0 +1,154 @@
+"""Netlink plumbing for pods and nodes (pyroute2): namespaces, veth pairs, addresses, routes.
+
+A pod gets a veth pair: `eth0` in its namespace with its /32 address, and an
+`anXXXXXXXXXXX` end on the node. Its default route goes via 169.254.1.1, a
+link-local gateway that exists only as a permanent neighbour entry pointing at the
+host-side MAC: the pod never needs an ARP answer, and every frame it sends lands on
+the host-side veth, where from_pod runs.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetNS, netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .desired import LinkInfo
+from .errors import AtomnetError
+from .model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
+
+NETNS_DIR = Path("/run/netns")
+RT_PROTO_ATOMNET = 192  # our routes carry their own protocol number, like `proto bird` for BIRD
+
+
+@dataclass(frozen=True)
+class Uplink:
+    ifname: str
+    ip: str
+    mtu: int
+
+
+@contextmanager
+def ipr():
+    conn = IPRoute()
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _addresses(conn) -> list[tuple[int, str]]:
+    return [(a["index"], a.get_attr("IFA_ADDRESS")) for a in conn.get_addr(family=2)
+            if a["scope"] == 0]
+
+
+def detect_uplink(public_ip: str | None = None, uplink: str | None = None) -> Uplink:
+    """The node's uplink: named, or the one holding public_ip, or the default route's, or the
+    only interface with a global IPv4 address (not ours, not loopback)."""
+    with ipr() as conn:
+        links = {link["index"]: link for link in conn.get_links()}
+        addrs = _addresses(conn)
+        index = None
+        if uplink:
+            found = conn.link_lookup(ifname=uplink)
+            if not found:
+                raise AtomnetError(f"uplink interface {uplink} does not exist on this node")
+            index = found[0]
+        elif public_ip:
+            index = next((i for i, a in addrs if a == public_ip), None)
+            if index is None:
+                raise AtomnetError(f"public IP {public_ip} is not configured on any interface of this node")
+        else:
+            for route in conn.get_default_routes(family=2):
+                index = route.get_attr("RTA_OIF")
+                break
+            if index is None:
+                candidates = [i for i, _ in addrs
+                              if not links[i].get_attr("IFLA_IFNAME").startswith(HOST_IFNAME_PREFIX)]
+                if not candidates:
+                    raise AtomnetError("cannot find this node's uplink: pass --uplink IFACE or --public-ip IP")
+                index = candidates[0]
+        ip = public_ip or next((a for i, a in addrs if i == index), None)
+        name = links[index].get_attr("IFLA_IFNAME")
+        if ip is None:
+            raise AtomnetError(f"uplink {name} has no IPv4 address: pass --public-ip")
+        return Uplink(ifname=name, ip=ip, mtu=links[index].get_attr("IFLA_MTU"))
+
+
+def link_table() -> dict[str, LinkInfo]:
+    """ifname -> (ifindex, MAC) for every link in this namespace."""
+    with ipr() as conn:
+        return {link.get_attr("IFLA_IFNAME"): LinkInfo(link["index"], link.get_attr("IFLA_ADDRESS"))
+                for link in conn.get_links()}
+
+
+def netns_path(name_or_path: str) -> Path:
+    return Path(name_or_path) if "/" in name_or_path else NETNS_DIR / name_or_path
+
+
+def create_netns(path: Path) -> None:
+    if path.parent != NETNS_DIR:
+        raise AtomnetError(f"can only create namespaces under {NETNS_DIR}; create {path} first")
+    pr_netns.create(path.name)
+
+
+def remove_netns(path: Path) -> None:
+    if path.exists():
+        pr_netns.remove(path.name)
+
+
+def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int) -> tuple[str, str]:
+    """Creates and configures the veth pair; returns (pod eth0 MAC, host-side MAC).
+    On any failure the pair is removed again, so nothing half-made stays behind."""
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        with ipr() as conn:
+            conn.link("add", ifname=host_if, kind="veth", mtu=mtu,
+                      peer={"ifname": POD_IFNAME, "net_ns_fd": fd, "mtu": mtu})
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            raise AtomnetError(f"interface {host_if} (or {POD_IFNAME} in {netns}) already exists") from None
+        raise
+    finally:
+        os.close(fd)
+    try:
+        with ipr() as conn:
+            host_index = conn.link_lookup(ifname=host_if)[0]
+            host_mac = conn.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
+            conn.link("set", index=host_index, state="up")
+            conn.route("replace", dst=f"{ip}/32", oif=host_index, scope=253, proto=RT_PROTO_ATOMNET)
+        pod_ns = NetNS(str(netns), flags=0)
+        try:
+            lo = pod_ns.link_lookup(ifname="lo")[0]
+            pod_ns.link("set", index=lo, state="up")
+            eth = pod_ns.link_lookup(ifname=POD_IFNAME)[0]
+            pod_mac = pod_ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
+            pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
+            pod_ns.link("set", index=eth, state="up")
+            pod_ns.route("add", dst=f"{POD_GATEWAY}/32", oif=eth, scope=253)
+            pod_ns.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth)
+            pod_ns.neigh("add", dst=POD_GATEWAY, lladdr=host_mac, ifindex=eth, state=0x80)  # NUD_PERMANENT
+        finally:
+            pod_ns.close()
+        return pod_mac, host_mac
+    except Exception:
+        delete_pod_links(host_if)
+        raise
+
+
+def delete_pod_links(host_if: str) -> bool:
+    """Deleting the host end deletes its peer and the /32 route with it."""
+    with ipr() as conn:
+        found = conn.link_lookup(ifname=host_if)
+        if not found:
+            return False
+        try:
+            conn.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+        return True

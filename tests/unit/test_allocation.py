@@ -1,0 +1,86 @@
+"""Pod address and subnet allocation against the real sqlite store: no duplicates, even
+from racing processes, and a clear error when the space runs out."""
+import multiprocessing as mp
+
+import pytest
+
+from ctl import cluster
+from ctl.errors import AtomnetError
+from ctl.model import NetworkConfig
+from ctl.store import open_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(f"sqlite://{tmp_path}/state.db")
+    yield s
+    s.close()
+
+
+def _allocate(url, subnet, owner, count, out):
+    s = open_store(url)
+    got = [cluster.allocate_address(s, subnet, f"{owner}-{i}") for i in range(count)]
+    s.close()
+    out.put(got)
+
+
+def test_addresses_skip_network_node_and_broadcast(store):
+    got = [cluster.allocate_address(store, "10.244.1.0/29", f"p{i}") for i in range(5)]
+    assert got == ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5", "10.244.1.6"]
+    with pytest.raises(AtomnetError, match="no free pod address left in 10.244.1.0/29"):
+        cluster.allocate_address(store, "10.244.1.0/29", "one-too-many")
+
+
+def test_released_address_is_reused_and_only_by_its_owner(store):
+    ip = cluster.allocate_address(store, "10.244.1.0/24", "a")
+    cluster.release_address(store, ip, "somebody-else")
+    assert cluster.allocate_address(store, "10.244.1.0/24", "b") != ip
+    cluster.release_address(store, ip, "a")
+    assert cluster.allocate_address(store, "10.244.1.0/24", "c") == ip
+
+
+def test_concurrent_processes_never_get_the_same_address(tmp_path):
+    url = f"sqlite://{tmp_path}/state.db"
+    open_store(url).close()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_allocate, args=(url, "10.244.7.0/24", f"w{i}", 10, out)) for i in range(6)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    flat = [ip for r in results for ip in r]
+    assert len(flat) == 60 and len(set(flat)) == 60
+
+
+def test_subnet_leases_are_unique_and_reused_by_public_ip(store):
+    cfg = NetworkConfig(network="10.244.0.0/22", subnet_len=24)  # subnets 1..3 (flannel skips the first)
+    leases = [cluster.acquire_subnet(store, cfg, f"192.168.100.{i}", "02:00:00:00:00:01")[0] for i in (1, 2, 3)]
+    assert sorted(lease.subnet for lease in leases) == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
+    again, _ = cluster.acquire_subnet(store, cfg, "192.168.100.2", "02:00:00:00:00:01")
+    assert again.subnet == leases[1].subnet
+    with pytest.raises(AtomnetError, match="subnet space exhausted"):
+        cluster.acquire_subnet(store, cfg, "192.168.100.9", "02:00:00:00:00:01")
+
+
+def test_lease_is_written_in_flannel_format(store):
+    import json
+    cfg = NetworkConfig(network="10.244.0.0/16")
+    lease, lease_id = cluster.acquire_subnet(store, cfg, "192.168.100.1", "02:11:22:33:44:55", ttl=60)
+    kv = store.get(f"/coreos.com/network/subnets/{lease.subnet.replace('/', '-')}")
+    doc = json.loads(kv.value)
+    assert doc["PublicIP"] == "192.168.100.1" and doc["BackendType"] == "vxlan"
+    assert doc["BackendData"] == {"VNI": 1, "VtepMAC": "02:11:22:33:44:55"}
+    assert kv.lease == lease_id and 0 < store.lease_ttl(lease_id) <= 60
+
+
+def test_network_init_is_idempotent_and_refuses_a_different_cidr(store):
+    cluster.init_network(store, "10.244.0.0/16", 24, "10.96.0.0/12")
+    rev = store.revision()
+    cluster.init_network(store, "10.244.0.0/16", 24, "10.96.0.0/12")
+    assert store.revision() == rev, "the same config again writes nothing"
+    with pytest.raises(AtomnetError, match="already initialised with 10.244.0.0/16"):
+        cluster.init_network(store, "10.245.0.0/16", 24, "10.96.0.0/12")
+    assert store.revision() == rev
+    assert cluster.load_network(store).network == "10.244.0.0/16"
