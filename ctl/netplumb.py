@@ -22,7 +22,8 @@ from .errors import AtomnetError
 from .model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
 
 NETNS_DIR = Path("/run/netns")
-RT_PROTO_ATOMNET = 192  # our routes carry their own protocol number, like `proto bird` for BIRD
+RT_PROTO_ATOMNET = 192
+IN6_ADDR_GEN_MODE_NONE = 1  # our routes carry their own protocol number, like `proto bird` for BIRD
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,10 @@ def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int) -> tuple[str,
             eth = pod_ns.link_lookup(ifname=POD_IFNAME)[0]
             pod_mac = pod_ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
             pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
+            # IPv4-only dataplane: no IPv6 link-local address, so no RS/MLD chatter that
+            # from_pod would only drop (and count) as unsupported.
+            pod_ns.link("set", index=eth, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
+                ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
             pod_ns.link("set", index=eth, state="up")
             pod_ns.route("add", dst=f"{POD_GATEWAY}/32", oif=eth, scope=253)
             pod_ns.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth)
