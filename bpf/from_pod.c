@@ -6,8 +6,10 @@
  *    permanent neighbour entry pointing at the host-side veth MAC);
  *  - other non-IPv4 frames and malformed IPv4 are dropped and counted;
  *  - an IPv4 source that is not the sending pod's own address is dropped (anti-spoofing);
- *  - traffic to another pod on this node is delivered with bpf_redirect_peer;
- *  - everything else (the node itself, the outside world) goes to the kernel stack.
+ *  - then the IPv4 path of route.h: services (DNAT, reverse NAT, ICMP errors,
+ *    refusal without backends), delivery to pods on this node with
+ *    bpf_redirect_peer, everything else (the node itself, the outside world) to the
+ *    kernel stack.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -17,14 +19,14 @@
 #include "include/maps.h"
 #include "include/parse.h"
 #include "include/counters.h"
-#include "include/forward.h"
+#include "include/route.h"
 
 SEC("tc")
 int from_pod(struct __sk_buff *skb)
 {
 	struct headers h;
 	struct endpoint_key key = {};
-	struct endpoint_info *src, *dst;
+	struct endpoint_info *src;
 
 	switch (parse(skb, &h)) {
 	case PARSE_IPV4:
@@ -43,13 +45,7 @@ int from_pod(struct __sk_buff *skb)
 	if (!src || src->ifindex != skb->ingress_ifindex)
 		return drop(skb, CTR_DROP_SPOOFED);
 
-	key.ip = h.ip->daddr;
-	dst = bpf_map_lookup_elem(&endpoints, &key);
-	if (dst)
-		return deliver_local(skb, &h, dst);
-
-	count(skb, CTR_PASS_STACK);
-	return TC_ACT_OK;
+	return route_ipv4(skb, &h);
 }
 
 char _license[] SEC("license") = "GPL";

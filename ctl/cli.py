@@ -69,6 +69,23 @@ def build_parser() -> Parser:
     rm.add_argument("name")
     verb(pod, "list", "list pods")
 
+    svc = verbs.add_parser("service", help="services").add_subparsers(dest="action", required=True, parser_class=Parser)
+    sadd = verb(svc, "add", "create a service: a stable VIP load-balanced to pods")
+    sadd.add_argument("name")
+    sadd.add_argument("--port", action="append", required=True, metavar="PORT[:TARGET][/tcp|udp]")
+    sadd.add_argument("--vip", help="a free address in the service CIDR (default: allocated)")
+    sadd.add_argument("--backend", action="append", default=[], metavar="POD[:PORT]")
+    sadd.add_argument("--selector", action="append", default=[], metavar="K=V")
+    sadd.add_argument("--affinity", metavar="client-ip[:SECONDS]")
+    sdel = verb(svc, "del", "delete a service (idempotent)")
+    sdel.add_argument("name")
+    verb(svc, "list", "list services")
+    sshow = verb(svc, "show", "one service with its resolved backends")
+    sshow.add_argument("name")
+    ap = verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}")
+    ap.add_argument("-f", "--file", required=True, help="FILE, or - for standard input")
+    ap.add_argument("--prune", action="store_true", help="delete services the file no longer lists")
+
     prog = verbs.add_parser("prog", help="BPF programs").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(prog, "show", "programs pinned by atomnet on this node")
     netv = verbs.add_parser("net", help="attachments").add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -79,7 +96,11 @@ def build_parser() -> Parser:
     dump.add_argument("name")
     ep = verbs.add_parser("endpoint", help="endpoints").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(ep, "list", "pods programmed in this node's dataplane")
-    verb(verbs, "stats", "dataplane counters: deliveries and drops by reason")
+    verb(verbs, "stats", "dataplane counters: deliveries and drops by reason, per-service traffic")
+    lb = verbs.add_parser("lb", help="load balancer").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(lb, "list", "service frontends -> backends, with per-backend counters")
+    ctv = verbs.add_parser("ct", help="conntrack").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(ctv, "list", "translated flows: tuple, translation, age, flags")
     return p
 
 
@@ -161,10 +182,85 @@ def run(args) -> int:
         except AtomnetError:
             names = {}  # the dataplane is readable even when the store is not
         emit(endpoint_list(_loader(args), names), args.json, empty="no endpoints")
+    elif verb[0] in ("service", "apply"):
+        _service_verbs(args, verb)
+    elif verb == ("lb", "list"):
+        from .inspect import lb_list
+        emit(lb_list(_loader(args), _service_port_names(args)), args.json,
+             ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"], "no services")
+    elif verb == ("ct", "list"):
+        from .inspect import ct_list
+        emit(ct_list(_loader(args)), args.json, ["dir", "proto", "src", "dst", "nat", "age_s", "idle_s",
+                                                 "packets", "flags"], "no flows")
     elif verb[0] == "stats":
-        from .inspect import counters
-        emit(counters(_loader(args)), args.json)
+        from .inspect import counters, lb_list
+        loader = _loader(args)
+        rows = counters(loader)
+        rows += [{"counter": f"service:{r['service']}:{r['port']}/{r['proto']}", "packets": r["packets"],
+                  "bytes": r["bytes"]} for r in lb_list(loader, _service_port_names(args))]
+        emit(rows, args.json)
     return 0
+
+
+def _service_port_names(args) -> dict[int, str]:
+    """service-port id -> service name, for inspection output (the dataplane only knows ids)."""
+    from .services import list_services
+    try:
+        with _store(args) as store:
+            return {p.id: s.name for s in list_services(store) for p in s.ports}
+    except AtomnetError:
+        return {}  # the dataplane is readable even when the store is not
+
+
+SERVICE_COLUMNS = ["name", "vip", "ports", "backends", "selector", "affinity"]
+
+
+def _service_row(shown: dict) -> dict:
+    """Table cells: ports as 80->8080/tcp, backends as pod=ip:port."""
+    row = dict(shown)
+    row["ports"] = [f"{p['port']}->{p['target_port']}/{p['proto']}" for p in shown["ports"]]
+    row["backends"] = [f"{b['pod']}={b['ip']}:{b['port']}" for b in shown["backends"]]
+    return row
+
+
+def _service_verbs(args, verb) -> None:
+    from . import services as svclib
+    from .model import BackendRef, Service, ServicePort, parse_affinity, parse_labels
+    with _store(args) as store:
+        if verb == ("service", "add"):
+            svc = Service(name=args.name, vip=args.vip or "", ports=tuple(ServicePort.parse(p) for p in args.port),
+                          backends=tuple(BackendRef.parse(b) for b in args.backend),
+                          selector=parse_labels(args.selector), affinity_timeout=parse_affinity(args.affinity))
+            shown = svclib.show(svclib.add_service(store, svc), svclib.pods_by_name(store))
+            emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
+        elif verb == ("service", "del"):
+            gone = svclib.delete_service(store, args.name)
+            if args.json:
+                emit([svclib.show(gone, {})] if gone else [], True)
+            else:
+                print(f"service {args.name} deleted" if gone else f"service {args.name} not found (nothing to do)")
+        elif verb == ("service", "list"):
+            pods = svclib.pods_by_name(store)
+            shown = [svclib.show(s, pods) for s in svclib.list_services(store)]
+            emit(shown if args.json else [_service_row(s) for s in shown], args.json, SERVICE_COLUMNS, "no services")
+        elif verb == ("service", "show"):
+            svc = svclib.get_service(store, args.name)
+            if svc is None:
+                raise AtomnetError(f"service {args.name} not found")
+            shown = svclib.show(svc, svclib.pods_by_name(store))
+            emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
+        else:  # apply
+            text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
+            result = svclib.apply(store, svclib.parse_documents(text), prune=args.prune)
+            emit(result, args.json)
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise AtomnetError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _daemon(args) -> int:

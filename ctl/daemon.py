@@ -17,14 +17,14 @@ import time
 
 import structlog
 
-from . import netplumb, pods as podlib
+from . import netplumb, pods as podlib, services as svclib
 from .bpf import syscalls as sc, tc
 from .bpf.loader import Loader, close_loaded, ensure_bpffs
-from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL
+from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config
 from .desired import compute
 from .errors import AtomnetError
 from .reconcile import apply
-from .store import Store
+from .store import Compacted, Store
 
 log = structlog.get_logger("atomnet.daemon")
 
@@ -64,12 +64,13 @@ class Daemon:
 
     def reconcile(self, force_attach: bool = False) -> None:
         started = time.monotonic()
-        desired = compute(self.node_name, podlib.list_pods(self.store), netplumb.link_table())
+        desired = compute(self.node_name, podlib.list_pods(self.store), netplumb.link_table(),
+                          svclib.list_services(self.store), load_cluster_config(self.store))
         for name in desired.missing_links:
             log.warning("pod_link_missing", pod=name)
         diffs = apply(self.loaded.maps, desired)
         attached = self.sync_attachments(desired.ingress, force_attach)
-        changes = sum(len(d.upserts) + len(d.deletes) for d in diffs.values()) + attached
+        changes = sum(len(d) for d in diffs.values()) + attached
         if changes:
             log.info("reconciled", changes=changes, seconds=round(time.monotonic() - started, 4))
 
@@ -106,7 +107,12 @@ class Daemon:
         revision = self.store.revision() + 1
         while not self.stopping:
             try:
-                events = self.store.watch("/", revision, timeout=min(RESYNC_SECONDS, 0.5))
+                try:
+                    events = self.store.watch("/", revision, timeout=min(RESYNC_SECONDS, 0.5))
+                except Compacted:  # fell too far behind the history: a full resync covers it
+                    revision = self.store.revision() + 1
+                    self.reconcile()
+                    continue
                 if events:
                     revision = events[-1].revision + 1
                     self.reconcile()

@@ -6,15 +6,20 @@ into sorted tuples so they can be compared and hashed.
 """
 from __future__ import annotations
 
+import ipaddress
+import zlib
 from dataclasses import dataclass, field
 
-from .model import Pod
+from .model import PROTOCOLS, ClusterConfig, Pod, Service, resolve_backends
 
 Frozen = tuple  # tuple of (field, value) pairs, sorted by field
 
 # Maps the daemon writes, in apply order: a map is filled before the maps that point
-# into it (backends before frontends); deletions run in the reverse order.
-OWNED_MAPS = ("endpoints",)
+# into it (backends and their Maglev tables before the service frontends that use them);
+# deletions run in the reverse order.
+OWNED_MAPS = ("config", "endpoints", "backends", "services")
+# Maps whose values belong to the programs (counters): the daemon only adds and removes keys.
+KEY_ONLY_MAPS = ("backends",)
 
 
 def freeze(d: dict) -> Frozen:
@@ -27,15 +32,37 @@ class LinkInfo:
     mac: str
 
 
+@dataclass(frozen=True)
+class MaglevSpec:
+    """One service port's Maglev table, described by its backends (built only when it changed)."""
+    table_size: int
+    backends: tuple[tuple[str, int], ...]   # sorted (ip, port)
+    digest: int
+
+
 @dataclass
 class Desired:
     maps: dict[str, dict[Frozen, Frozen]] = field(default_factory=lambda: {m: {} for m in OWNED_MAPS})
-    ingress: dict[int, str] = field(default_factory=dict)   # ifindex -> program attached at tc ingress
-    missing_links: list[str] = field(default_factory=list)   # pods on this node whose veth is gone
+    maglev: dict[int, MaglevSpec] = field(default_factory=dict)   # service-port id -> table
+    ingress: dict[int, str] = field(default_factory=dict)          # ifindex -> program attached at tc ingress
+    missing_links: list[str] = field(default_factory=list)          # pods on this node whose veth is gone
 
 
-def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo]) -> Desired:
+def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
+    key = tuple(sorted(backends))
+    size = table_size_for(len(key))
+    digest = zlib.crc32(repr((size, key)).encode())
+    return MaglevSpec(size, key, digest)
+
+
+def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: list[Service] = (),
+            cluster: ClusterConfig | None = None, table_size_for=None) -> Desired:
     out = Desired()
+    cluster = cluster or ClusterConfig()
+    net = ipaddress.IPv4Network(cluster.service_cidr)
+    out.maps["config"][freeze({"value": 0})] = freeze(
+        {"service_net": str(net.network_address), "service_mask": str(net.netmask), "flags": 0})
+
     for pod in sorted(pods, key=lambda p: p.name):
         if pod.node != node:
             continue
@@ -46,4 +73,20 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo]) -> Desired:
         out.maps["endpoints"][freeze({"ip": pod.ip})] = freeze(
             {"ifindex": link.ifindex, "mac": pod.mac, "node_mac": link.mac})
         out.ingress[link.ifindex] = "from_pod"
+
+    if table_size_for is None:
+        from .maglev import table_size_for
+    by_name = {p.name: p for p in pods}
+    for svc in sorted(services, key=lambda s: s.name):
+        for port in svc.ports:
+            # A local backend is ready once its veth exists; remote ones once their pod is stored.
+            ready = [b for b in resolve_backends(svc, port, by_name)
+                     if b.node != node or by_name[b.pod].host_ifname in links]
+            spec = maglev_spec([(b.ip, b.port) for b in ready], table_size_for)
+            out.maglev[port.id] = spec
+            for ip, bport in spec.backends:
+                out.maps["backends"][freeze({"service_id": port.id, "ip": ip, "port": bport})] = ()
+            out.maps["services"][freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]})] = freeze({
+                "id": port.id, "backend_count": len(spec.backends), "table_size": spec.table_size,
+                "affinity_timeout": svc.affinity_timeout, "digest": spec.digest})
     return out

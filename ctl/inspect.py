@@ -124,3 +124,53 @@ def counters(loader: Loader) -> list[dict]:
     return [{"counter": cid.name.removeprefix("CTR_").lower(), "packets": rows.get(cid, {}).get("packets", 0),
              "bytes": rows.get(cid, {}).get("bytes", 0)} for cid in CounterId if cid != CounterId.CTR_MAX]
 
+
+
+_PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
+
+
+def _monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def lb_list(loader: Loader, service_names: dict[int, str]) -> list[dict]:
+    """Frontend -> backends, with each backend's packets/bytes (summed over CPUs)."""
+    per_backend: dict[int, list[dict]] = {}
+    for e in map_dump(loader, "backends"):
+        k, v = e["key"], e["value"]
+        per_backend.setdefault(k["service_id"], []).append(
+            {"ip": k["ip"], "port": k["port"], "packets": v["packets"], "bytes": v["bytes"]})
+    out = []
+    for e in map_dump(loader, "services"):
+        k, v = e["key"], e["value"]
+        backends = sorted(per_backend.get(v["id"], []), key=lambda b: (b["ip"], b["port"]))
+        out.append({"service": service_names.get(v["id"]), "id": v["id"],
+                    "frontend": f"{k['vip']}:{k['port']}/{_PROTO_NAMES.get(k['proto'], k['proto'])}",
+                    "vip": k["vip"], "port": k["port"], "proto": _PROTO_NAMES.get(k["proto"], k["proto"]),
+                    "backends": backends, "table_size": v["table_size"],
+                    "affinity_timeout": v["affinity_timeout"],
+                    "packets": sum(b["packets"] for b in backends), "bytes": sum(b["bytes"] for b in backends)})
+    return sorted(out, key=lambda r: (r["service"] or "", r["port"]))
+
+
+def ct_list(loader: Loader) -> list[dict]:
+    """Decoded conntrack: the tuple as seen, the translation, age and flags."""
+    from .bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY
+    now = _monotonic_ns()
+    out = []
+    for e in map_dump(loader, "conntrack"):
+        k, v = e["key"], e["value"]
+        flags = [n for bit, n in ((CT_F_CLOSING, "closing"), (CT_F_HAIRPIN, "hairpin"),
+                                  (CT_F_SEEN_REPLY, "seen_reply")) if v["flags"] & bit]
+        reply = k["dir"] == 1
+        out.append({
+            "dir": "reply" if reply else "forward", "proto": _PROTO_NAMES.get(k["proto"], k["proto"]),
+            "src": f"{k['saddr']}:{k['sport']}", "dst": f"{k['daddr']}:{k['dport']}",
+            # forward entries rewrite the destination to the backend; replies the source to the VIP
+            "nat": f"{'src' if reply else 'dst'}={v['nat_ip']}:{v['nat_port']}"
+                   + (f",{'dst' if reply else 'src'}={v['snat_ip']}" if v["snat_ip"] != "0.0.0.0" else ""),
+            "service_id": v["service_id"], "age_s": round((now - v["created_ns"]) / 1e9, 1),
+            "idle_s": round((now - v["last_seen_ns"]) / 1e9, 1), "packets": v["packets"], "bytes": v["bytes"],
+            "flags": flags,
+        })
+    return out

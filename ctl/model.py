@@ -242,3 +242,159 @@ def pod_addresses(subnet: ipaddress.IPv4Network) -> list[ipaddress.IPv4Address]:
     """Addresses pods may get: not the network address, not .1 (kept for the node), not broadcast."""
     hosts = list(subnet.hosts())
     return hosts[1:]
+
+
+# ---------------------------------------------------------------- services
+
+SERVICES_PREFIX = "/atomnet/services/"
+VIPS_PREFIX = "/atomnet/vips/"
+SERVICE_PORT_ID_KEY = "/atomnet/ids/service-port"   # last id handed out (ids are never reused)
+PROTOCOLS = {"tcp": 6, "udp": 17}
+DEFAULT_AFFINITY_SECONDS = 10800   # kube-proxy's sessionAffinity ClientIP default (3 h)
+MAX_AFFINITY_SECONDS = 86400
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    proto: str = "tcp"
+    node_port: int | None = None
+    id: int = 0   # service-port id in the dataplane (services/maglev/backends maps), set when stored
+
+    def __post_init__(self):
+        for what, value in (("port", self.port), ("target port", self.target_port)):
+            if not isinstance(value, int) or not 1 <= value <= 65535:
+                raise ValidationError(f"invalid {what} {value!r}: must be 1-65535")
+        if self.proto not in PROTOCOLS:
+            raise ValidationError(f"unknown protocol {self.proto!r}: use tcp or udp")
+
+    @classmethod
+    def parse(cls, text: str) -> "ServicePort":
+        """PORT[:TARGET][/tcp|udp], like `kubectl expose --port/--target-port` in one word."""
+        spec, _, proto = text.partition("/")
+        port, _, target = spec.partition(":")
+        try:
+            p = int(port)
+            t = int(target) if target else p
+        except ValueError:
+            raise ValidationError(f"invalid port {text!r}: use PORT[:TARGET][/tcp|udp]") from None
+        return cls(port=p, target_port=t, proto=(proto or "tcp").lower())
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    pod: str
+    port: int | None = None   # overrides the service ports' target port for this pod
+
+    @classmethod
+    def parse(cls, text: str) -> "BackendRef":
+        pod, _, port = text.partition(":")
+        validate_name("backend pod", pod)
+        if port:
+            try:
+                p = int(port)
+            except ValueError:
+                raise ValidationError(f"invalid backend {text!r}: use POD[:PORT]") from None
+            if not 1 <= p <= 65535:
+                raise ValidationError(f"invalid backend port {p}: must be 1-65535")
+            return cls(pod, p)
+        return cls(pod)
+
+
+def parse_affinity(text: str | None) -> int:
+    """client-ip[:SECONDS] -> seconds (0 = none)."""
+    if not text or text == "none":
+        return 0
+    kind, _, seconds = text.partition(":")
+    if kind != "client-ip":
+        raise ValidationError(f"invalid affinity {text!r}: use client-ip[:SECONDS] or none")
+    try:
+        value = int(seconds) if seconds else DEFAULT_AFFINITY_SECONDS
+    except ValueError:
+        raise ValidationError(f"invalid affinity timeout {seconds!r}: seconds, 1-{MAX_AFFINITY_SECONDS}") from None
+    if not 1 <= value <= MAX_AFFINITY_SECONDS:
+        raise ValidationError(f"invalid affinity timeout {value}: seconds, 1-{MAX_AFFINITY_SECONDS}")
+    return value
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    vip: str
+    ports: tuple[ServicePort, ...]
+    backends: tuple[BackendRef, ...] = ()
+    selector: dict = field(default_factory=dict)
+    affinity_timeout: int = 0
+
+    def __post_init__(self):
+        validate_name("service", self.name)
+        if not self.ports:
+            raise ValidationError(f"service {self.name}: at least one --port is required")
+        seen = set()
+        for p in self.ports:
+            if (p.port, p.proto) in seen:
+                raise ValidationError(f"service {self.name}: port {p.port}/{p.proto} given twice")
+            seen.add((p.port, p.proto))
+        if self.backends and self.selector:
+            raise ValidationError(f"service {self.name}: use --backend or --selector, not both")
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "name": self.name, "vip": self.vip,
+            "ports": [asdict(p) for p in self.ports],
+            "backends": [asdict(b) for b in self.backends],
+            "selector": self.selector,
+            "affinity": {"client_ip": self.affinity_timeout} if self.affinity_timeout else None,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Service":
+        """The stored shape, which is also what `service show -j` prints and `apply` takes."""
+        try:
+            ports = tuple(ServicePort(port=int(p["port"]), target_port=int(p.get("target_port") or p["port"]),
+                                      proto=str(p.get("proto", "tcp")).lower(), node_port=p.get("node_port"),
+                                      id=int(p.get("id", 0)))
+                          for p in doc["ports"])
+            backends = tuple(BackendRef(b["pod"], b.get("port")) for b in doc.get("backends") or ()
+                             if not doc.get("selector"))
+            affinity = doc.get("affinity") or {}
+            return cls(name=doc["name"], vip=doc.get("vip") or "", ports=ports, backends=backends,
+                       selector=dict(doc.get("selector") or {}),
+                       affinity_timeout=int(affinity.get("client_ip", 0)) if isinstance(affinity, dict)
+                       else parse_affinity(affinity))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ValidationError):
+                raise
+            raise ValidationError(f"malformed service {doc.get('name', '?') if isinstance(doc, dict) else doc!r}: "
+                                  f"{exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Service":
+        return cls.from_dict(json.loads(text))
+
+    def selects(self, pod: Pod) -> bool:
+        return bool(self.selector) and all(pod.labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend of one service port."""
+    pod: str
+    ip: str
+    port: int
+    node: str
+
+
+def resolve_backends(svc: Service, port: ServicePort, pods: dict[str, Pod]) -> list[Backend]:
+    """The backends of one service port now: named pods that exist, or pods the selector matches."""
+    if svc.selector:
+        refs = [BackendRef(p.name) for p in pods.values() if svc.selects(p)]
+    else:
+        refs = list(svc.backends)
+    out = []
+    for ref in refs:
+        pod = pods.get(ref.pod)
+        if pod is not None:
+            out.append(Backend(pod.name, pod.ip, ref.port or port.target_port, pod.node))
+    return sorted(out, key=lambda b: (b.ip, b.port))

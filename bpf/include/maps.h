@@ -13,6 +13,14 @@
 #include "types.h"
 
 #define MAX_ENDPOINTS 65536
+#define MAX_SERVICE_PORTS 65536
+#define MAX_BACKENDS 262144
+#define MAX_CONNTRACK 262144
+#define MAX_AFFINITY 65536
+#define MAX_FRAGMENTS 8192
+/* The template of every per-service Maglev table; BPF_F_INNER_MAP lets each service
+ * have its own (prime) size. */
+#define MAGLEV_TEMPLATE_SIZE 1021
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -29,5 +37,72 @@ struct {
 	__uint(max_entries, CTR_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct service_key);
+	__type(value, struct service_info);
+	__uint(max_entries, MAX_SERVICE_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} services SEC(".maps");
+
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct backend_addr);
+	__uint(max_entries, MAGLEV_TEMPLATE_SIZE);
+	__uint(map_flags, BPF_F_INNER_MAP);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, __u32);		/* service_info.id */
+	__uint(max_entries, MAX_SERVICE_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct maglev_table);
+} maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, struct backend_key);
+	__type(value, struct counter);
+	__uint(max_entries, MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(max_entries, MAX_CONNTRACK);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, MAX_AFFINITY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_ports);
+	__uint(max_entries, MAX_FRAGMENTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fragments SEC(".maps");
 
 #endif

@@ -38,12 +38,119 @@ enum counter_id {
 	CTR_DROP_SPOOFED = 2,		/* source IP is not the sending pod's */
 	CTR_DROP_MALFORMED = 3,		/* truncated or invalid L2/L3 header */
 	CTR_DROP_UNSUPPORTED_L3 = 4,	/* neither IPv4 nor ARP (atomnet is IPv4-only) */
-	CTR_MAX = 5,
+	CTR_LB_NEW_FLOW = 5,		/* a new flow to a service got a backend */
+	CTR_LB_REJECT = 6,		/* a service without ready backends answered with RST / ICMP unreachable */
+	CTR_REV_NAT = 7,		/* a reply translated back to its service address */
+	CTR_ICMP_ERROR_NAT = 8,		/* an ICMP error about a translated flow, translated back */
+	CTR_DROP_FRAGMENT = 9,		/* a fragment to a service whose first fragment was never seen */
+	CTR_DROP_NAT_FAILED = 10,	/* rewriting a header failed (or IP options where atomnet builds a reply) */
+	CTR_MAX = 11,
 };
 
 struct counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* config: one entry (index 0) of run-time settings the daemon writes. */
+struct config {
+	__be32 service_net;		/* service CIDR, network order */
+	__be32 service_mask;		/* its netmask, network order */
+	__u32 flags;			/* reserved, 0 */
+	__u32 pad;
+};
+
+/* services: (VIP, port, protocol) -> the service port's load-balancing state. */
+struct service_key {
+	__be32 vip;
+	__be16 port;
+	__u8  proto;			/* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  pad;
+};
+
+struct service_info {
+	__u32 id;			/* service-port id: key of maglev and of backends; host order */
+	__u32 backend_count;		/* 0: refuse new flows at once */
+	__u32 table_size;		/* entries of this service's Maglev table (prime) */
+	__u32 affinity_timeout;		/* client-IP affinity in seconds; 0 = none */
+	__u32 digest;			/* of the backend set the Maglev table was built from (control plane's) */
+	__u32 pad;
+};
+
+/* A backend address: the value of every Maglev slot. */
+struct backend_addr {
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* backends (per-CPU hash): its keys are the live backends of each service port; the
+ * values are packet/byte counters the programs add to. */
+struct backend_key {
+	__u32 service_id;		/* host order */
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* conntrack: every translated flow has a forward entry (client -> VIP) and a reply
+ * entry (backend -> client), created together by the first packet. */
+enum ct_dir {
+	CT_FORWARD = 0,
+	CT_REPLY = 1,
+};
+
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8  proto;
+	__u8  dir;			/* enum ct_dir */
+	__u16 pad;
+};
+
+#define CT_F_CLOSING 1			/* FIN or RST seen: the flow may be replaced by a new SYN */
+#define CT_F_HAIRPIN 2			/* client and backend are the same pod: source rewritten too */
+#define CT_F_SEEN_REPLY 4		/* the backend answered */
+
+struct ct_entry {
+	__u64 created_ns;		/* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns;
+	__be32 nat_ip;			/* forward: backend address; reply: VIP */
+	__be16 nat_port;		/* forward: backend port; reply: service port */
+	__u8  flags;			/* CT_F_* */
+	__u8  pad;
+	__be32 snat_ip;			/* hairpin: forward: new source; reply: the client to restore; else 0 */
+	__u32 service_id;		/* host order */
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* affinity: client IP + service port -> the backend it was given. */
+struct affinity_key {
+	__be32 client;
+	__u32 service_id;		/* host order */
+};
+
+struct affinity_value {
+	__u64 last_used_ns;
+	struct backend_addr backend;
+};
+
+/* fragments: the ports of a fragmented datagram, learnt from its first fragment, so the
+ * later fragments (which carry no L4 header) are translated the same way. */
+struct frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8  proto;
+	__u8  pad;
+};
+
+struct frag_ports {
+	__be16 sport;
+	__be16 dport;
 };
 
 #endif

@@ -49,6 +49,7 @@ class MapDef:
     pinned: bool
     key_type: str    # C type name of the key, e.g. "endpoint_key" or "__u32"
     value_type: str
+    inner: "MapDef | None" = None  # map-in-map: the template of the inner maps (`__array(values, ...)`)
 
 
 @dataclass
@@ -163,14 +164,23 @@ class BpfObject:
         return out
 
     def _map_def(self, name: str) -> MapDef:
-        params, types = {}, {}
-        for member in _resolve(_ref(self._variable(name))).iter_children():
+        return self._map_struct(name, _resolve(_ref(self._variable(name))))
+
+    def _map_struct(self, name: str, struct_die) -> MapDef:
+        params, types, inner = {}, {}, None
+        for member in struct_die.iter_children():
             mname = _die_name(member)
+            if mname == "values":  # __array(values, struct inner): an array of pointers to the template
+                template = _resolve(_ref(_ref(_ref(member))))
+                inner = self._map_struct(f"{name}.inner", template)
+                continue
             pointee = _strip_qualifiers(_ref(_ref(member)))  # members are pointers
             if pointee is not None and pointee.tag == "DW_TAG_array_type" and mname not in ("key", "value"):
                 params[mname] = _array_len(pointee)   # __uint(name, N)
             else:
                 types[mname] = pointee                 # __type(name, T)
+        if inner is not None:  # map-in-map values are inner map fds (ids when read back)
+            params.setdefault("value_size", 4)
         try:
             key_size = params.get("key_size") or _byte_size(types["key"])
             value_size = params.get("value_size") or _byte_size(types["value"])
@@ -179,7 +189,8 @@ class BpfObject:
                 max_entries=params["max_entries"], flags=params.get("map_flags", 0),
                 pinned=params.get("pinning", 0) == 1,
                 key_type=_type_name(types["key"]) if "key" in types else f"u8[{key_size}]",
-                value_type=_type_name(types["value"]) if "value" in types else f"u8[{value_size}]",
+                value_type=_type_name(types["value"]) if "value" in types else
+                ("__u32" if inner else f"u8[{value_size}]"), inner=inner,
             )
         except KeyError as exc:
             raise ObjectError(f"{self.path}: map {name} lacks {exc.args[0]}") from None

@@ -75,6 +75,17 @@ def ensure_bpffs(root: str) -> None:
         Path(root, sub).mkdir(parents=True, exist_ok=True)
 
 
+def create_map(d: MapDef, max_entries: int | None = None) -> int:
+    """Creates a map from its definition; a map-in-map gets a throwaway inner template."""
+    inner_fd = create_map(d.inner) if d.inner else None
+    try:
+        return sc.create_map(d.type, d.name, d.key_size, d.value_size, max_entries or d.max_entries, d.flags,
+                             inner_map_fd=inner_fd)
+    finally:
+        if inner_fd is not None:
+            sc.close(inner_fd)
+
+
 def definition_matches(info: sc.BpfMapInfo, d: MapDef) -> bool:
     return (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags) == (
         d.type, d.key_size, d.value_size, d.max_entries, d.flags)
@@ -116,7 +127,7 @@ class Loader:
                 log.warning("map_definition_changed", map=d.name, pinned_id=m.id,
                             pinned_max_entries=m.info.max_entries, wanted_max_entries=d.max_entries)
                 m.close()
-            fd = sc.create_map(d.type, d.name, d.key_size, d.value_size, d.max_entries, d.flags)
+            fd = create_map(d)
             loaded.maps[d.name] = Map(fd, mirror(d.key_type, d.key_size), mirror(d.value_type, d.value_size), d.name)
             if d.pinned:
                 loaded.unpinned.append(d.name)

@@ -25,11 +25,15 @@ lib = _libbcc.lib
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 BPF_F_NO_PREALLOC = 1
+BPF_F_INNER_MAP = 1 << 12
+BPF_MAP_TYPE_ARRAY = 2
+MAP_IN_MAP_TYPES = {12, 13}  # array_of_maps, hash_of_maps
 BPF_OBJ_NAME_LEN = 16
 
 MAP_TYPES = {
     1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
-    6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie", 27: "ringbuf",
+    6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie", 12: "array_of_maps",
+    13: "hash_of_maps", 27: "ringbuf",
 }
 PROG_TYPES = {3: "sched_cls", 4: "sched_act", 6: "xdp"}
 PERCPU_MAP_TYPES = {5, 6, 10}
@@ -83,6 +87,16 @@ class BpfTestRunOpts(ct.Structure):
     ]
 
 
+class BpfMapCreateOpts(ct.Structure):
+    """libbpf's struct bpf_map_create_opts."""
+    _fields_ = [
+        ("sz", ct.c_size_t), ("btf_fd", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+        ("btf_value_type_id", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+        ("inner_map_fd", ct.c_uint32), ("map_flags", ct.c_uint32), ("map_extra", ct.c_uint64),
+        ("numa_node", ct.c_uint32), ("map_ifindex", ct.c_uint32),
+    ]
+
+
 class BpfMapBatchOpts(ct.Structure):
     _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
 
@@ -95,7 +109,10 @@ def _declare(name, restype, *argtypes):
 
 
 _u32p = ct.POINTER(ct.c_uint32)
-_create_map = _declare("bcc_create_map", ct.c_int, ct.c_int, ct.c_char_p, ct.c_int, ct.c_int, ct.c_int, ct.c_int)
+# libbpf's bpf_map_create (through libbcc) rather than bcc_create_map: only it takes the
+# inner map template that map-in-map (the per-service Maglev tables) needs.
+_create_map = _declare("bpf_map_create", ct.c_int, ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
+                       ct.POINTER(BpfMapCreateOpts))
 _prog_load = _declare("bcc_prog_load", ct.c_int, ct.c_int, ct.c_char_p, ct.c_void_p, ct.c_int,
                       ct.c_char_p, ct.c_uint, ct.c_int, ct.c_char_p, ct.c_uint)
 _obj_pin = _declare("bpf_obj_pin", ct.c_int, ct.c_int, ct.c_char_p)
@@ -129,9 +146,12 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
-def create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int) -> int:
+def create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int,
+               inner_map_fd: int | None = None) -> int:
+    opts = BpfMapCreateOpts(sz=ct.sizeof(BpfMapCreateOpts), map_flags=flags,
+                            inner_map_fd=inner_map_fd if inner_map_fd is not None else 0)
     ct.set_errno(0)
-    return _check(_create_map(map_type, name.encode()[:15], key_size, value_size, max_entries, flags),
+    return _check(_create_map(map_type, name.encode()[:15], key_size, value_size, max_entries, ct.byref(opts)),
                   f"creating map {name}")
 
 

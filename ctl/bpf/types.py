@@ -20,7 +20,22 @@ class CounterId(enum.IntEnum):
     CTR_DROP_SPOOFED = 2
     CTR_DROP_MALFORMED = 3
     CTR_DROP_UNSUPPORTED_L3 = 4
-    CTR_MAX = 5
+    CTR_LB_NEW_FLOW = 5
+    CTR_LB_REJECT = 6
+    CTR_REV_NAT = 7
+    CTR_ICMP_ERROR_NAT = 8
+    CTR_DROP_FRAGMENT = 9
+    CTR_DROP_NAT_FAILED = 10
+    CTR_MAX = 11
+
+
+class CtDir(enum.IntEnum):
+    """enum ct_dir"""
+    CT_FORWARD = 0
+    CT_REPLY = 1
+
+
+CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY = 1, 2, 4
 
 
 IPV4, MAC, BE16 = "ipv4", "mac", "be16"
@@ -34,6 +49,9 @@ class Mirror(ct.Structure):
         return {name: _decode(getattr(self, name), self._format_.get(name))
                 for name, _ in self._fields_ if not name.startswith("pad")}
 
+    def to_bytes(self) -> bytes:
+        return bytes(self)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Mirror":
         obj = cls()
@@ -44,6 +62,8 @@ class Mirror(ct.Structure):
 
 
 def _decode(value, fmt):
+    if isinstance(value, Mirror):
+        return value.to_dict()
     if fmt == IPV4:
         return socket.inet_ntoa(int(value).to_bytes(4, "little"))
     if fmt == MAC:
@@ -56,6 +76,8 @@ def _decode(value, fmt):
 
 
 def _encode(value, fmt, ctype):
+    if isinstance(value, dict) and issubclass(ctype, Mirror):
+        return ctype.from_dict(value)
     if fmt == IPV4:
         # The member holds network order; ctypes reads it as a little-endian u32.
         return int.from_bytes(ipaddress.IPv4Address(value).packed, "little")
@@ -84,6 +106,65 @@ class Counter(Mirror):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
 
 
+class Config(Mirror):
+    _fields_ = [("service_net", ct.c_uint32), ("service_mask", ct.c_uint32), ("flags", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+    _format_ = {"service_net": IPV4, "service_mask": IPV4}
+
+
+class ServiceKey(Mirror):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+    _format_ = {"vip": IPV4, "port": BE16}
+
+
+class ServiceInfo(Mirror):
+    _fields_ = [("id", ct.c_uint32), ("backend_count", ct.c_uint32), ("table_size", ct.c_uint32),
+                ("affinity_timeout", ct.c_uint32), ("digest", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class BackendAddr(Mirror):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+    _format_ = {"ip": IPV4, "port": BE16}
+
+
+class BackendKey(Mirror):
+    _fields_ = [("service_id", ct.c_uint32), ("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+    _format_ = {"ip": IPV4, "port": BE16}
+
+
+class CtKey(Mirror):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16), ("dport", ct.c_uint16),
+                ("proto", ct.c_uint8), ("dir", ct.c_uint8), ("pad", ct.c_uint16)]
+    _format_ = {"saddr": IPV4, "daddr": IPV4, "sport": BE16, "dport": BE16}
+
+
+class CtEntry(Mirror):
+    _fields_ = [("created_ns", ct.c_uint64), ("last_seen_ns", ct.c_uint64), ("nat_ip", ct.c_uint32),
+                ("nat_port", ct.c_uint16), ("flags", ct.c_uint8), ("pad", ct.c_uint8), ("snat_ip", ct.c_uint32),
+                ("service_id", ct.c_uint32), ("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+    _format_ = {"nat_ip": IPV4, "nat_port": BE16, "snat_ip": IPV4}
+
+
+class AffinityKey(Mirror):
+    _fields_ = [("client", ct.c_uint32), ("service_id", ct.c_uint32)]
+    _format_ = {"client": IPV4}
+
+
+class AffinityValue(Mirror):
+    _fields_ = [("last_used_ns", ct.c_uint64), ("backend", BackendAddr)]
+
+
+class FragKey(Mirror):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("id", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+    _format_ = {"saddr": IPV4, "daddr": IPV4, "id": BE16}
+
+
+class FragPorts(Mirror):
+    _fields_ = [("sport", ct.c_uint16), ("dport", ct.c_uint16)]
+    _format_ = {"sport": BE16, "dport": BE16}
+
+
 class U32(Mirror):
     """A bare __u32 key (array index)."""
     _fields_ = [("value", ct.c_uint32)]
@@ -94,8 +175,19 @@ MIRRORS: dict[str, type[Mirror]] = {
     "endpoint_key": EndpointKey,
     "endpoint_info": EndpointInfo,
     "counter": Counter,
+    "config": Config,
+    "service_key": ServiceKey,
+    "service_info": ServiceInfo,
+    "backend_addr": BackendAddr,
+    "backend_key": BackendKey,
+    "ct_key": CtKey,
+    "ct_entry": CtEntry,
+    "affinity_key": AffinityKey,
+    "affinity_value": AffinityValue,
+    "frag_key": FragKey,
+    "frag_ports": FragPorts,
     "__u32": U32,
 }
 
 # C enum name -> mirror enum, checked against the DWARF too.
-ENUMS: dict[str, type[enum.IntEnum]] = {"counter_id": CounterId}
+ENUMS: dict[str, type[enum.IntEnum]] = {"counter_id": CounterId, "ct_dir": CtDir}

@@ -1,7 +1,7 @@
 """State store: open one by URL and use the Store contract from base.py.
 
     sqlite:///ABS/PATH   embedded single-file store (one host, or tests)
-    etcd://HOST:PORT     shared cluster store (not built yet)
+    etcd://HOST:PORT[,HOST:PORT...]   shared cluster store (etcd v3, see etcd.py)
 """
 
 from __future__ import annotations
@@ -9,19 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import KV, Compacted, Event, Store, StoreError
+from .etcd import EtcdStore
 from .sqlite import SqliteStore
 
-__all__ = ["KV", "Compacted", "Event", "SqliteStore", "Store", "StoreError", "open_store"]
-
-
-def _etcd_not_built(url: str) -> Store:
-    raise StoreError("etcd store support is not built yet: use sqlite:///PATH")
+__all__ = ["KV", "Compacted", "EtcdStore", "Event", "SqliteStore", "Store", "StoreError", "open_store"]
 
 
 # URL scheme -> opener; a new backend is one line here.
 _BACKENDS: dict[str, Callable[[str], Store]] = {
     "sqlite": SqliteStore,
-    "etcd": _etcd_not_built,
+    "etcd": EtcdStore,
 }
 
 

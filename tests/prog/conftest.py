@@ -57,3 +57,31 @@ def harness(tmp_path):
         close_loaded(loaded)
 
 
+
+
+def program_service(h: Harness, vip: str, port: int, proto: str, backends: list[tuple[str, int]], sid: int = 1,
+                    affinity: int = 0, table_size: int = 251) -> None:
+    """Programs one service port the way the daemon does (reconcile's Maglev swap), straight into the maps."""
+    from ctl.bpf.types import BackendKey, Counter, ServiceInfo, ServiceKey
+    from ctl.desired import MaglevSpec
+    from ctl.model import PROTOCOLS
+    from ctl.reconcile import sync_maglev
+
+    spec = MaglevSpec(table_size, tuple(sorted(backends)), 0)
+    sync_maglev(h.maps["maglev"], {sid: spec}, {}, set())
+    for k in list(h.maps["backends"].keys()):
+        if k.service_id == sid:
+            h.maps["backends"].delete(k)
+    for ip, bport in backends:
+        h.maps["backends"].put(BackendKey.from_dict({"service_id": sid, "ip": ip, "port": bport}), Counter())
+    h.maps["services"].put(ServiceKey.from_dict({"vip": vip, "port": port, "proto": PROTOCOLS[proto]}),
+                           ServiceInfo.from_dict({"id": sid, "backend_count": len(backends), "table_size": table_size,
+                                                  "affinity_timeout": affinity}))
+
+
+def set_service_cidr(h: Harness, cidr: str) -> None:
+    import ipaddress
+    from ctl.bpf.types import Config
+    net = ipaddress.IPv4Network(cidr)
+    h.maps["config"].put(U32(value=0), Config.from_dict({"service_net": str(net.network_address),
+                                                          "service_mask": str(net.netmask)}))

@@ -3,7 +3,11 @@
 Tests take the ``store`` fixture (or ``store_url`` when they open the store
 from several processes); both are parametrized over BACKENDS, so a new
 backend is one entry there. Backend-specific checks (URL parsing, sqlite
-file errors, automatic history pruning) sit at the bottom.
+file errors, automatic history pruning, etcd connection errors) sit at the bottom.
+
+The etcd backend runs against one real ``etcd`` server per test session
+(tests/etcd_server.py, on loopback), wiped before each test; without the
+``etcd`` binary those tests skip with the reason.
 
 Revisions are compared relative to each other, never as absolute numbers, so
 the suite also holds on a store that has seen writes before the test.
@@ -18,21 +22,52 @@ import time
 import pytest
 
 from ctl.store import Compacted, Event, SqliteStore, StoreError, open_store
+from tests.etcd_server import EtcdServer, _free_ports, etcd_available
 
 
 def _sqlite_url(tmp_path) -> str:
     return f"sqlite://{tmp_path}/state/atomnet.db"
 
 
-# backend name -> function(tmp_path) returning the URL of a fresh, empty store
+def _etcd_url(request, tmp_path) -> str:
+    server = request.getfixturevalue("etcd_server")
+    server.wipe()
+    return server.url
+
+
+# backend name -> function(request, tmp_path) returning the URL of a fresh, empty store
 BACKENDS = {
-    "sqlite": _sqlite_url,
+    "sqlite": lambda request, tmp_path: _sqlite_url(tmp_path),
+    "etcd": _etcd_url,
+}
+
+# backend -> (lease TTL for the refresh test, margin): a lease's keys are surely gone
+# `margin` seconds after it expires. etcd's leader checks expiry every 500 ms and then
+# deletes through raft; the refresh test needs margin < 0.6 * TTL, hence 2 s there.
+LEASE_TIMING = {
+    "sqlite": (1.0, 0.2),
+    "etcd": (2.0, 0.8),
 }
 
 
+@pytest.fixture(scope="session")
+def etcd_server():
+    """One real etcd for the session (loopback, free ports, temp data dir removed at the end)."""
+    missing = etcd_available()
+    if missing:
+        pytest.skip(missing)
+    with EtcdServer() as server:
+        yield server
+
+
 @pytest.fixture(params=list(BACKENDS))
-def store_url(request, tmp_path) -> str:
-    return BACKENDS[request.param](tmp_path)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store_url(request, backend, tmp_path) -> str:
+    return BACKENDS[backend](request, tmp_path)
 
 
 @pytest.fixture
@@ -215,14 +250,19 @@ def test_watch_compacted(store):
 # --- leases -----------------------------------------------------------------
 
 
-def test_lease_expiry_deletes_keys_with_events(store):
+def _sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+def test_lease_expiry_deletes_keys_with_events(store, backend):
+    _, margin = LEASE_TIMING[backend]
     lease = store.grant(1.0)
     assert 0.5 < store.lease_ttl(lease) <= 1.0
     r1 = store.put("/l/a", "1", lease=lease)
     store.put("/l/b", "2", lease=lease)
     store.put("/l/keep", "3")
     assert store.get("/l/a").lease == lease
-    assert store.watch("/l/", r1 + 3, 1.8) == [
+    assert store.watch("/l/", r1 + 3, 1.6 + margin) == [
         Event("delete", "/l/a", None, r1 + 3),
         Event("delete", "/l/b", None, r1 + 3),
     ]
@@ -234,18 +274,21 @@ def test_lease_expiry_deletes_keys_with_events(store):
         store.put("/l/late", "x", lease=lease)
 
 
-def test_refresh_extends_and_plain_put_detaches(store):
-    lease = store.grant(1.0)
+def test_refresh_extends_and_plain_put_detaches(store, backend):
+    ttl, margin = LEASE_TIMING[backend]  # sqlite: refresh at 0.6 s, checks at 1.2 s and 1.8 s
+    t0 = time.monotonic()
+    lease = store.grant(ttl)
     store.put("/f/held", "1", lease=lease)
     store.put("/f/detached", "1", lease=lease)
     store.put("/f/detached", "2")  # no lease: detaches, as in etcd
     assert store.get("/f/detached").lease == 0
-    time.sleep(0.6)
+    _sleep_until(t0 + 0.6 * ttl)
+    refreshed = time.monotonic()
     store.refresh(store.get("/f/held").lease)
-    assert store.lease_ttl(lease) > 0.8
-    time.sleep(0.6)  # 1.2 s after grant: alive only thanks to the refresh
+    assert store.lease_ttl(lease) > 0.8 * ttl
+    _sleep_until(t0 + ttl + margin)  # past the first expiry: alive only thanks to the refresh
     assert store.get("/f/held") is not None
-    time.sleep(0.6)
+    _sleep_until(refreshed + ttl + margin)
     assert store.get("/f/held") is None
     assert store.get("/f/detached").value == "2"
 
@@ -310,15 +353,16 @@ def test_concurrent_puts_all_land(store_url):
 # --- URLs and sqlite specifics ----------------------------------------------
 
 
-def test_unknown_and_unbuilt_schemes():
+def test_unknown_and_bad_urls():
     with pytest.raises(StoreError, match="unknown store URL scheme in 'redis://x'"):
         open_store("redis://x")
     with pytest.raises(StoreError, match="unknown store URL scheme"):
         open_store("/var/lib/atomnet/state.db")
-    with pytest.raises(StoreError, match="etcd store support is not built yet"):
-        open_store("etcd://127.0.0.1:2379")
     with pytest.raises(StoreError, match="sqlite:///"):
         open_store("sqlite://relative/path.db")
+    for bad in ("etcd://", "etcd://host:port", "etcd://h:1,", "etcd://h:99999", "etcd://::1:2379", "etcd://h:1/x"):
+        with pytest.raises(StoreError, match=r"bad etcd store URL .*etcd://HOST:PORT"):
+            open_store(bad)
 
 
 def test_sqlite_creates_private_parent_dir(tmp_path):
@@ -363,3 +407,64 @@ def test_sqlite_prunes_old_history(tmp_path):
     recent = s.watch("/", revs[-10], 0)
     assert [e.revision for e in recent] == revs[-10:]
     s.close()
+
+
+# --- etcd specifics -----------------------------------------------------------
+
+
+def test_etcd_unreachable_is_one_line():
+    port = _free_ports("127.0.0.1", 1)[0]  # nothing listens there now
+    url = f"etcd://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as exc:
+        open_store(url)
+    assert str(exc.value) == f"etcd store {url} unreachable: connection refused"
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_etcd_unreachable_names_every_endpoint():
+    p1, p2 = _free_ports("127.0.0.1", 2)
+    url = f"etcd://127.0.0.1:{p1},localhost:{p2}"
+    with pytest.raises(StoreError) as exc:
+        open_store(url)
+    assert str(exc.value) == (
+        f"etcd store {url} unreachable: 127.0.0.1:{p1} connection refused; localhost:{p2} connection refused"
+    )
+
+
+def test_etcd_tries_endpoints_in_order(etcd_server):
+    etcd_server.wipe()
+    dead = _free_ports("127.0.0.1", 1)[0]
+    with open_store(f"etcd://127.0.0.1:{dead},127.0.0.1:{etcd_server.client_port}") as s:
+        rev = s.put("/ep", "1")
+        assert s.get("/ep").value == "1"
+        assert s.watch("/ep", rev, 0) == [Event("put", "/ep", "1", rev)]
+
+
+def test_etcd_closed_store_errors(etcd_server):
+    s = open_store(etcd_server.url)
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.get("/x")
+
+
+def test_etcd_grant_rounds_up_to_whole_seconds(etcd_server):
+    with open_store(etcd_server.url) as s:
+        lease = s.grant(1.2)  # etcd TTLs are whole seconds: 2
+        assert 1.0 < s.lease_ttl(lease) <= 2.0
+        s.revoke(lease)
+        assert s.lease_ttl(lease) is None
+        with pytest.raises(StoreError):
+            s.grant(0)
+
+
+def test_etcd_put_many_over_max_txn_ops_says_why():
+    missing = etcd_available()
+    if missing:
+        pytest.skip(missing)
+    with EtcdServer(extra_args=["--max-txn-ops", "16"]) as small, open_store(small.url) as s:
+        with pytest.raises(StoreError) as exc:
+            s.put_many([(f"/k/{i}", "x") for i in range(20)])
+        msg = str(exc.value)
+        assert msg.startswith(f"etcd store {small.url}: ") and "--max-txn-ops >= 20" in msg and "\n" not in msg
+        assert s.list("/k/")[0] == []

@@ -17,17 +17,25 @@ def obj(request):
     o.close()
 
 
+def _all_maps(obj):
+    for m in obj.maps.values():
+        yield m
+        if m.inner:
+            yield m.inner
+
+
 def test_every_map_type_has_a_mirror_of_the_right_size(obj):
     assert obj.maps, "the object defines no maps"
-    for m in obj.maps.values():
+    for m in _all_maps(obj):
         for type_name, size in ((m.key_type, m.key_size), (m.value_type, m.value_size)):
             assert type_name in MIRRORS, f"map {m.name}: no mirror for {type_name}"
             assert ct.sizeof(MIRRORS[type_name]) == size, f"map {m.name}: {type_name} size"
 
 
 def test_struct_layouts_match_dwarf(obj):
-    used = {t for m in obj.maps.values() for t in (m.key_type, m.value_type)}
-    for type_name in sorted(used - {"__u32"}):
+    used = {t for m in _all_maps(obj) for t in (m.key_type, m.value_type)}
+    nested = {f.type_name for t in used - {"__u32"} for f in obj.layout(t).members if f.type_name in MIRRORS}
+    for type_name in sorted((used | nested) - {"__u32"}):
         cls = MIRRORS[type_name]
         layout = obj.layout(type_name)
         assert ct.sizeof(cls) == layout.size, f"{type_name}: size"

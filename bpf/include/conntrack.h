@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Conntrack for translated flows. The programs own this LRU map; the daemon only
+ * flushes entries (UDP flows of removed backends), as kube-proxy does. */
+#ifndef ATOMNET_CONNTRACK_H
+#define ATOMNET_CONNTRACK_H
+
+#include "flow.h"
+
+#define NSEC 1000000000ULL
+#define CT_TIMEOUT_TCP (6 * 3600 * NSEC)	/* established: a quiet TCP flow keeps its backend */
+#define CT_TIMEOUT_CLOSING (10 * NSEC)		/* after FIN/RST */
+#define CT_TIMEOUT_OTHER (120 * NSEC)		/* UDP: like the kernel's udp stream timeout */
+
+static __always_inline void ct_key_of(struct ct_key *k, const struct flow *f, enum ct_dir dir)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = f->saddr;
+	k->daddr = f->daddr;
+	k->sport = f->sport;
+	k->dport = f->dport;
+	k->proto = f->proto;
+	k->dir = dir;
+}
+
+static __always_inline int ct_expired(const struct ct_entry *ct, __u64 now, __u8 proto)
+{
+	__u64 timeout = CT_TIMEOUT_OTHER;
+
+	if (proto == IPPROTO_TCP)
+		timeout = ct->flags & CT_F_CLOSING ? CT_TIMEOUT_CLOSING : CT_TIMEOUT_TCP;
+	return now - ct->last_seen_ns > timeout;
+}
+
+/* A new SYN on a tuple whose previous connection closed starts a new flow (port reuse). */
+static __always_inline int ct_reopened(const struct ct_entry *ct, const struct flow *f)
+{
+	return f->proto == IPPROTO_TCP && (ct->flags & CT_F_CLOSING) &&
+	       (f->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
+}
+
+static __always_inline void ct_touch(struct ct_entry *ct, const struct flow *f, __u64 now, __u32 len)
+{
+	ct->last_seen_ns = now;
+	__sync_fetch_and_add(&ct->packets, 1);
+	__sync_fetch_and_add(&ct->bytes, len);
+	if (f->tcp_flags & (TCPF_FIN | TCPF_RST))
+		ct->flags |= CT_F_CLOSING;
+}
+
+#endif

@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ICMP errors about translated flows (port unreachable, fragmentation needed, time
+ * exceeded): a backend's error about the packet client -> backend is rewritten to be
+ * about client -> VIP, from the VIP, so the client's socket (and PMTU discovery) sees it.
+ *
+ * Inner address changes keep the inner header's one's-complement sum constant (address
+ * and inner checksum change together), so only the inner port change touches the ICMP
+ * checksum. The inner L4 checksum is left as is: no receiver checks it in an error.
+ */
+#ifndef ATOMNET_ICMP_H
+#define ATOMNET_ICMP_H
+
+#include "lb.h"
+
+static __always_inline int icmp_is_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+static __always_inline int rewrite_inner_addr(struct __sk_buff *skb, __u32 inner_off, __u32 field_off,
+					      __be32 from, __be32 to)
+{
+	if (from == to)
+		return 0;
+	if (bpf_l3_csum_replace(skb, inner_off + offsetof(struct iphdr, check), from, to, 4) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, inner_off + field_off, &to, 4, 0);
+}
+
+static __always_inline enum lb_result lb_icmp_error(struct __sk_buff *skb, struct flow *f)
+{
+	__u32 inner_off = f->l4_off + sizeof(struct icmphdr);
+	__u32 icmp_csum_off = f->l4_off + offsetof(struct icmphdr, checksum);
+	struct iphdr inner;
+	__be16 ports[2];
+	struct ct_key rk = {};
+	struct ct_entry *ct;
+	__be32 vip, client;
+	__be16 vport;
+
+	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0 || inner.ihl != 5 ||
+	    bpf_skb_load_bytes(skb, inner_off + sizeof(inner), ports, sizeof(ports)) < 0)
+		return LB_PASS;
+	/* The offending packet went client -> backend; its flow's reply entry is backend -> client. */
+	rk.saddr = inner.daddr;
+	rk.daddr = inner.saddr;
+	rk.sport = ports[1];
+	rk.dport = ports[0];
+	rk.proto = inner.protocol;
+	rk.dir = CT_REPLY;
+	ct = bpf_map_lookup_elem(&conntrack, &rk);
+	if (!ct)
+		return LB_PASS;
+	vip = ct->nat_ip;
+	vport = ct->nat_port;
+	client = ct->snat_ip;
+
+	if (rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, daddr), inner.daddr, vip) < 0)
+		return LB_NAT_FAILED;
+	if (client && rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, saddr), inner.saddr, client) < 0)
+		return LB_NAT_FAILED;
+	if (vport != ports[1]) {
+		if (bpf_l4_csum_replace(skb, icmp_csum_off, ports[1], vport, 2) < 0 ||
+		    bpf_skb_store_bytes(skb, inner_off + sizeof(inner) + 2, &vport, 2, 0) < 0)
+			return LB_NAT_FAILED;
+	}
+	if (nat_rewrite(skb, f, NAT_SRC, vip, f->sport) < 0)
+		return LB_NAT_FAILED;
+	if (client && nat_rewrite(skb, f, NAT_DST, client, f->dport) < 0)
+		return LB_NAT_FAILED;
+	count(skb, CTR_ICMP_ERROR_NAT);
+	return LB_TRANSLATED;
+}
+
+#endif

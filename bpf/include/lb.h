@@ -1,0 +1,192 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Service load balancing: frontend (VIP, port, proto) -> backend, chosen by client-IP
+ * affinity if configured, else by the service's Maglev table indexed with a hash of
+ * the 5-tuple; pinned by conntrack; DNAT on the way in, reverse NAT on the way out.
+ */
+#ifndef ATOMNET_LB_H
+#define ATOMNET_LB_H
+
+#include "conntrack.h"
+#include "counters.h"
+#include "nat.h"
+
+/* Hairpin: a pod reaching itself through a service gets this source address, or its
+ * kernel would drop a packet "from" its own address as a martian (Cilium does the same). */
+#define HAIRPIN_IP_BE bpf_htonl(0xA9FE2A01)	/* 169.254.42.1 */
+
+enum lb_result {
+	LB_PASS,		/* not a service flow: deliver as is */
+	LB_TRANSLATED,		/* rewritten: deliver by the new destination */
+	LB_REJECT,		/* no ready backend: refuse the client */
+	LB_DROP_FRAGMENT,
+	LB_NAT_FAILED,
+};
+
+static __always_inline __u32 mix32(__u32 h)
+{
+	/* murmur3's finaliser: every input bit affects every output bit */
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 flow_hash(const struct flow *f)
+{
+	__u32 h = mix32(f->saddr ^ 0x9e3779b9);
+
+	h = mix32(h ^ f->daddr);
+	h = mix32(h ^ (((__u32)f->sport << 16) | f->dport));
+	return mix32(h ^ f->proto);
+}
+
+static __always_inline int backend_alive(__u32 service_id, __be32 ip, __be16 port)
+{
+	struct backend_key k = { .service_id = service_id, .ip = ip, .port = port };
+
+	return bpf_map_lookup_elem(&backends, &k) != NULL;
+}
+
+static __always_inline void backend_count(__u32 service_id, const struct backend_addr *be, __u32 len)
+{
+	struct backend_key k = { .service_id = service_id, .ip = be->ip, .port = be->port };
+	struct counter *c = bpf_map_lookup_elem(&backends, &k);
+
+	if (c) {
+		c->packets += 1;
+		c->bytes += len;
+	}
+}
+
+static __always_inline int select_backend(const struct flow *f, const struct service_info *svc, __u64 now,
+					  struct backend_addr *out)
+{
+	struct affinity_key ak = { .client = f->saddr, .service_id = svc->id };
+	struct affinity_value *av;
+	struct backend_addr *slot;
+	void *table;
+	__u32 index;
+
+	if (svc->affinity_timeout) {
+		av = bpf_map_lookup_elem(&affinity, &ak);
+		if (av && now - av->last_used_ns <= (__u64)svc->affinity_timeout * NSEC &&
+		    backend_alive(svc->id, av->backend.ip, av->backend.port)) {
+			av->last_used_ns = now;
+			*out = av->backend;
+			return 0;
+		}
+	}
+	table = bpf_map_lookup_elem(&maglev, &svc->id);
+	if (!table || svc->table_size == 0)
+		return -1;
+	index = flow_hash(f) % svc->table_size;
+	slot = bpf_map_lookup_elem(table, &index);
+	if (!slot || slot->ip == 0)
+		return -1;
+	*out = *slot;
+	if (svc->affinity_timeout) {
+		struct affinity_value v = { .last_used_ns = now, .backend = *slot };
+
+		bpf_map_update_elem(&affinity, &ak, &v, BPF_ANY);
+	}
+	return 0;
+}
+
+/* A packet to a service frontend: find or create its flow, then DNAT (and SNAT for hairpin). */
+static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct flow *f,
+						 const struct service_info *svc)
+{
+	struct ct_key fk, rk;
+	struct ct_entry *ct;
+	struct backend_addr be;
+	__be32 snat = 0;
+	__u64 now = bpf_ktime_get_ns();
+
+	ct_key_of(&fk, f, CT_FORWARD);
+	ct = bpf_map_lookup_elem(&conntrack, &fk);
+	if (ct && !ct_expired(ct, now, f->proto) && !ct_reopened(ct, f) &&
+	    backend_alive(svc->id, ct->nat_ip, ct->nat_port)) {
+		be.ip = ct->nat_ip;
+		be.port = ct->nat_port;
+		snat = ct->snat_ip;
+		ct_touch(ct, f, now, skb->len);
+	} else {
+		struct ct_entry fwd = {}, rev = {};
+
+		if (!f->has_l4)
+			return LB_DROP_FRAGMENT;	/* a flow cannot start in a later fragment */
+		if (svc->backend_count == 0 || select_backend(f, svc, now, &be) < 0)
+			return LB_REJECT;
+		if (be.ip == f->saddr)
+			snat = HAIRPIN_IP_BE;
+		fwd.created_ns = fwd.last_seen_ns = now;
+		fwd.nat_ip = be.ip;
+		fwd.nat_port = be.port;
+		fwd.snat_ip = snat;
+		fwd.flags = snat ? CT_F_HAIRPIN : 0;
+		fwd.service_id = svc->id;
+		fwd.packets = 1;
+		fwd.bytes = skb->len;
+		rev.created_ns = rev.last_seen_ns = now;
+		rev.nat_ip = f->daddr;			/* replies come from VIP:port */
+		rev.nat_port = f->dport;
+		rev.snat_ip = snat ? f->saddr : 0;	/* hairpin: back to the real client */
+		rev.flags = fwd.flags;
+		rev.service_id = svc->id;
+		rk.saddr = be.ip;
+		rk.daddr = snat ? snat : f->saddr;
+		rk.sport = be.port;
+		rk.dport = f->sport;
+		rk.proto = f->proto;
+		rk.dir = CT_REPLY;
+		rk.pad = 0;
+		/* Reply entry first: once the forward entry exists, replies may follow at once. */
+		if (bpf_map_update_elem(&conntrack, &rk, &rev, BPF_ANY) < 0 ||
+		    bpf_map_update_elem(&conntrack, &fk, &fwd, BPF_ANY) < 0)
+			return LB_NAT_FAILED;
+		count(skb, CTR_LB_NEW_FLOW);
+	}
+	backend_count(svc->id, &be, skb->len);
+	if (snat && nat_rewrite(skb, f, NAT_SRC, snat, f->sport) < 0)
+		return LB_NAT_FAILED;
+	if (nat_rewrite(skb, f, NAT_DST, be.ip, be.port) < 0)
+		return LB_NAT_FAILED;
+	return LB_TRANSLATED;
+}
+
+/* A reply of a translated flow: source back to VIP:port (and, for hairpin, destination
+ * back to the real client). */
+static __always_inline enum lb_result lb_reverse(struct __sk_buff *skb, struct flow *f)
+{
+	struct ct_key rk;
+	struct ct_entry *ct;
+	__be32 client;
+	__u64 now = bpf_ktime_get_ns();
+
+	ct_key_of(&rk, f, CT_REPLY);
+	ct = bpf_map_lookup_elem(&conntrack, &rk);
+	if (!ct || ct_expired(ct, now, f->proto))
+		return LB_PASS;
+	ct_touch(ct, f, now, skb->len);
+	ct->flags |= CT_F_SEEN_REPLY;
+	client = ct->snat_ip;
+	if (nat_rewrite(skb, f, NAT_SRC, ct->nat_ip, ct->nat_port) < 0)
+		return LB_NAT_FAILED;
+	if (client && nat_rewrite(skb, f, NAT_DST, client, f->dport) < 0)
+		return LB_NAT_FAILED;
+	count(skb, CTR_REV_NAT);
+	return LB_TRANSLATED;
+}
+
+static __always_inline int in_service_cidr(__be32 addr)
+{
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	return cfg && cfg->service_mask && (addr & cfg->service_mask) == cfg->service_net;
+}
+
+#endif
