@@ -113,23 +113,37 @@ def build_table(spec: MaglevSpec) -> bytes:
 
 def sync_maglev(outer: Map, specs: dict[int, MaglevSpec], live_digests: dict[int, int], live_tables: set[int]) -> MapDiff:
     """A changed table is built in a new inner map and swapped in with one update of the
-    outer map: the program sees the old table or the new one, never a half-written one."""
+    outer map: the program sees the old table or the new one, never a half-written one.
+    Service ports with the same backend set share one inner map (built once): the
+    kernel holds one copy, and 10 000 services in front of the same pods cost one table."""
     d = MapDiff()
-    for sid, spec in specs.items():
-        if live_digests.get(sid) == spec.digest and sid in live_tables:
-            continue
-        inner = sc.create_map(sc.BPF_MAP_TYPE_ARRAY, "maglev_table", 4, ct.sizeof(BackendAddr), spec.table_size,
-                              sc.BPF_F_INNER_MAP)
-        try:
-            data = build_table(spec)
-            values = (BackendAddr * spec.table_size).from_buffer_copy(data)
-            sc.update_batch(inner, _slot_keys(spec.table_size), values, spec.table_size)
-            sc.update(outer.fd, U32(value=sid), ct.c_uint32(inner))
-        finally:
-            sc.close(inner)
-        d.upserts[freeze({"value": sid})] = freeze({"table_size": spec.table_size, "backends": len(spec.backends)})
+    built: dict[tuple, int] = {}   # (table size, backends) -> inner map fd, for this pass
+    try:
+        for sid, spec in specs.items():
+            if live_digests.get(sid) == spec.digest and sid in live_tables:
+                continue
+            shape = (spec.table_size, spec.backends)
+            if shape not in built:
+                built[shape] = _new_table(spec)
+            sc.update(outer.fd, U32(value=sid), ct.c_uint32(built[shape]))
+            d.upserts[freeze({"value": sid})] = freeze({"table_size": spec.table_size, "backends": len(spec.backends)})
+    finally:
+        for fd in built.values():
+            sc.close(fd)   # the outer map holds the references now
     _log_changes("maglev", "maglev_table_built", ({"service_id": dict(k)["value"], **dict(v)} for k, v in d.upserts.items()))
     return d
+
+
+def _new_table(spec: MaglevSpec) -> int:
+    inner = sc.create_map(sc.BPF_MAP_TYPE_ARRAY, "maglev_table", 4, ct.sizeof(BackendAddr), spec.table_size,
+                          sc.BPF_F_INNER_MAP)
+    try:
+        values = (BackendAddr * spec.table_size).from_buffer_copy(build_table(spec))
+        sc.update_batch(inner, _slot_keys(spec.table_size), values, spec.table_size)
+    except BaseException:
+        sc.close(inner)
+        raise
+    return inner
 
 
 def _delete_tables(outer: Map, ids: set[int], d: MapDiff) -> None:

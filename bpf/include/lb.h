@@ -107,8 +107,10 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 
 	ct_key_of(&fk, f, CT_FORWARD);
 	ct = bpf_map_lookup_elem(&conntrack, &fk);
-	if (ct && !ct_expired(ct, now, f->proto) && !ct_reopened(ct, f) &&
-	    backend_alive(svc->id, ct->nat_ip, ct->nat_port)) {
+	/* An established flow keeps its backend even after the backend left the service
+	 * (a terminating pod finishes its connections, as with kube-proxy); UDP flows of
+	 * removed backends are flushed by the daemon. */
+	if (ct && !ct_expired(ct, now, f->proto) && !ct_reopened(ct, f)) {
 		be.ip = ct->nat_ip;
 		be.port = ct->nat_port;
 		snat = ct->snat_ip;
