@@ -118,6 +118,7 @@ def sync_maglev(outer: Map, specs: dict[int, MaglevSpec], live_digests: dict[int
     kernel holds one copy, and 10 000 services in front of the same pods cost one table."""
     d = MapDiff()
     built: dict[tuple, int] = {}   # (table size, backends) -> inner map fd, for this pass
+    swaps: list[tuple[int, int]] = []
     try:
         for sid, spec in specs.items():
             if live_digests.get(sid) == spec.digest and sid in live_tables:
@@ -125,8 +126,14 @@ def sync_maglev(outer: Map, specs: dict[int, MaglevSpec], live_digests: dict[int
             shape = (spec.table_size, spec.backends)
             if shape not in built:
                 built[shape] = _new_table(spec)
-            sc.update(outer.fd, U32(value=sid), ct.c_uint32(built[shape]))
+            swaps.append((sid, built[shape]))
             d.upserts[freeze({"value": sid})] = freeze({"table_size": spec.table_size, "backends": len(spec.backends)})
+        # One batch: every map-in-map update makes the kernel wait for an RCU grace period
+        # (so no program still sees the old table); a batch waits once, not once per service.
+        if swaps:
+            keys = (ct.c_uint32 * len(swaps))(*(sid for sid, _ in swaps))
+            fds = (ct.c_uint32 * len(swaps))(*(fd for _, fd in swaps))
+            sc.update_batch(outer.fd, keys, fds, len(swaps))
     finally:
         for fd in built.values():
             sc.close(fd)   # the outer map holds the references now

@@ -84,15 +84,16 @@ class Map:
                 yield key, value
 
     def put_many(self, pairs: list[tuple[Mirror, Mirror]]) -> None:
-        """One BPF_MAP_UPDATE_BATCH syscall for many entries (falls back per entry for per-CPU maps)."""
+        """One BPF_MAP_UPDATE_BATCH syscall for many entries. A per-CPU map takes one value
+        per possible CPU for each key: the same value is given to every CPU."""
         if not pairs:
             return
-        if self.percpu:
-            for k, v in pairs:
-                self.put(k, v)
-            return
         keys = (self.key_cls * len(pairs))(*[k for k, _ in pairs])
-        values = (self.value_cls * len(pairs))(*[v for _, v in pairs])
+        if self.percpu:
+            cpus = possible_cpus()
+            values = (self.value_cls * (len(pairs) * cpus))(*[v for _, v in pairs for _ in range(cpus)])
+        else:
+            values = (self.value_cls * len(pairs))(*[v for _, v in pairs])
         sc.update_batch(self.fd, keys, values, len(pairs))
 
     def close(self) -> None:
