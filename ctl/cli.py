@@ -58,7 +58,10 @@ def build_parser() -> Parser:
     d.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
     d.add_argument("--log-format", choices=["json", "console"], default="json")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    d.add_argument("--lease-ttl", type=float, default=None, help=argparse.SUPPRESS)
+    d.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
+                   help="subnet lease TTL (flannel: 86400)")
+    d.add_argument("--lease-renew-margin", type=float, default=None, metavar="SECONDS",
+                   help="renew this long before expiry (flannel: 3600; at most half the TTL)")
 
     pod = verbs.add_parser("pod", help="pods").add_subparsers(dest="action", required=True, parser_class=Parser)
     add = verb(pod, "add", "create a pod: namespace, veth, address")
@@ -99,6 +102,8 @@ def build_parser() -> Parser:
     verb(verbs, "stats", "dataplane counters: deliveries and drops by reason, per-service traffic")
     lb = verbs.add_parser("lb", help="load balancer").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(lb, "list", "service frontends -> backends, with per-backend counters")
+    tun = verbs.add_parser("tunnel", help="overlay").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(tun, "list", "remote subnets reached through the VXLAN overlay")
     ctv = verbs.add_parser("ct", help="conntrack").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(ctv, "list", "translated flows: tuple, translation, age, flags")
     return p
@@ -188,6 +193,17 @@ def run(args) -> int:
         from .inspect import lb_list
         emit(lb_list(_loader(args), _service_port_names(args)), args.json,
              ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"], "no services")
+    elif verb == ("tunnel", "list"):
+        from .cluster import list_leases
+        from .inspect import tunnel_list
+        expiry = {}
+        try:
+            with _store(args) as store:
+                expiry = {lease.subnet: store.lease_ttl(lease_id) if lease_id else None
+                          for lease, lease_id in list_leases(store)}
+        except AtomnetError:
+            pass  # the dataplane is readable even when the store is not
+        emit(tunnel_list(_loader(args), expiry), args.json, empty="no remote nodes")
     elif verb == ("ct", "list"):
         from .inspect import ct_list
         emit(ct_list(_loader(args)), args.json, ["dir", "proto", "src", "dst", "nat", "age_s", "idle_s",
@@ -271,9 +287,8 @@ def _daemon(args) -> int:
         raise AtomnetError("--metrics is not available yet in this version")
     if os.geteuid() != 0:
         raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
-    kwargs = {"lease_ttl": args.lease_ttl} if args.lease_ttl else {}
-    with _store(args) as store:
-        Daemon(store, args.node, args.bpffs, args.uplink, args.public_ip, **kwargs).run()
+    kwargs = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("renew_margin", args.lease_renew_margin)) if v}
+    Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, **kwargs).run()
     return 0
 
 

@@ -20,22 +20,27 @@ import structlog
 from . import netplumb, pods as podlib, services as svclib
 from .bpf import syscalls as sc, tc
 from .bpf.loader import Loader, close_loaded, ensure_bpffs
-from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config
-from .desired import compute
+from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
+from .desired import Overlay, compute
 from .errors import AtomnetError
 from .reconcile import apply
-from .store import Compacted, Store
+from .model import ValidationError
+from .store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
 
 RESYNC_SECONDS = 5.0
 
 
+RETRY_MAX_SECONDS = 30.0
+
+
 class Daemon:
-    def __init__(self, store: Store, node_name: str, bpffs: str, uplink: str | None = None,
+    def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
                  public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
                  renew_margin: float = LEASE_RENEW_MARGIN):
-        self.store = store
+        self.store_url = store_url
+        self.store: Store | None = None
         self.node_name = node_name
         self.loader = Loader(bpffs)
         self.uplink = uplink
@@ -43,6 +48,7 @@ class Daemon:
         self.lease_ttl = lease_ttl
         self.renew_margin = min(renew_margin, lease_ttl / 2)
         self.loaded = None
+        self.overlay: Overlay | None = None
         self.lease_id = 0
         self.lease_deadline = 0.0
         self.stopping = False
@@ -51,40 +57,70 @@ class Daemon:
         if os.geteuid() != 0:
             raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
         ensure_bpffs(str(self.loader.root))
-        self.node, self.lease_id = podlib.ensure_node(self.store, self.node_name, self.public_ip, self.uplink,
-                                                      ttl=self.lease_ttl)
+        # etcd may come up after us (retry); a bad URL or an unreadable sqlite file will not heal.
+        self.store = (self.retry("store_open", lambda: open_store(self.store_url))
+                      if self.store_url.startswith("etcd://") else open_store(self.store_url))
+        self.node, self.lease_id = self.retry("node_register", lambda: podlib.ensure_node(
+            self.store, self.node_name, self.public_ip, self.uplink, ttl=self.lease_ttl))
         self.lease_deadline = time.monotonic() + self.lease_ttl
+        self.retry("overlay_setup", self.setup_overlay)
         log.info("node_ready", node=self.node.name, subnet=self.node.subnet, public_ip=self.node.public_ip,
-                 uplink=self.node.uplink, pod_mtu=self.node.pod_mtu)
+                 uplink=self.node.uplink, pod_mtu=self.node.pod_mtu, overlay=netplumb.overlay_ifname(self.network.vni))
         self.loaded = self.loader.load()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
 
+    def retry(self, what: str, fn):
+        """Store trouble at start-up (etcd not up yet, no network config yet) is waited out with
+        exponential backoff, one log line per attempt, instead of a crash-loop."""
+        delay, attempt = 0.5, 1
+        while True:
+            try:
+                return fn()
+            except (StoreError, ValidationError) as exc:
+                log.warning("retrying", step=what, attempt=attempt, error=str(exc), retry_in=delay)
+            except AtomnetError as exc:
+                if "no network configured" not in str(exc):
+                    raise
+                log.warning("retrying", step=what, attempt=attempt, error=str(exc), retry_in=delay)
+            if self.stopping:
+                raise AtomnetError(f"stopped while waiting for: {what}")
+            time.sleep(delay)
+            delay, attempt = min(delay * 2, RETRY_MAX_SECONDS), attempt + 1
+
+    def setup_overlay(self) -> None:
+        self.network = load_network(self.store)
+        ifindex = netplumb.ensure_overlay(self.network.vni, self.network.port, self.node.vtep_mac,
+                                          self.node.pod_mtu, self.node.subnet, self.network.network)
+        self.overlay = Overlay(ifindex, self.network.vni, self.node.vtep_mac, self.node.subnet)
+
     def reconcile(self, force_attach: bool = False) -> None:
         started = time.monotonic()
         desired = compute(self.node_name, podlib.list_pods(self.store), netplumb.link_table(),
-                          svclib.list_services(self.store), load_cluster_config(self.store))
+                          svclib.list_services(self.store), load_cluster_config(self.store),
+                          leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay)
         for name in desired.missing_links:
             log.warning("pod_link_missing", pod=name)
         diffs = apply(self.loaded.maps, desired)
-        attached = self.sync_attachments(desired.ingress, force_attach)
+        attached = self.sync_attachments(desired.ingress, tc.INGRESS, force_attach)
+        attached += self.sync_attachments(desired.egress, tc.EGRESS, force_attach)
         changes = sum(len(d) for d in diffs.values()) + attached
         if changes:
             log.info("reconciled", changes=changes, seconds=round(time.monotonic() - started, 4))
 
-    def sync_attachments(self, ingress: dict[int, str], force: bool) -> int:
+    def sync_attachments(self, wanted: dict[int, str], direction: str, force: bool) -> int:
         """Attach where the live filter is missing or runs another program generation."""
         count = 0
         with netplumb.ipr() as conn:
-            for ifindex, prog_name in ingress.items():
+            for ifindex, prog_name in wanted.items():
                 fd = self.loaded.programs[prog_name]
                 want = sc.prog_info(fd).id
-                current = [f for f in tc.filters(conn, ifindex, tc.INGRESS) if f.ours]
+                current = [f for f in tc.filters(conn, ifindex, direction) if f.ours]
                 if force or not current or current[0].prog_id != want:
-                    tc.attach(conn, ifindex, tc.INGRESS, fd, prog_name)
-                    log.info("program_attached", ifindex=ifindex, direction=tc.INGRESS, program=prog_name, id=want)
+                    tc.attach(conn, ifindex, direction, fd, prog_name)
+                    log.info("program_attached", ifindex=ifindex, direction=direction, program=prog_name, id=want)
                     count += 1
         return count
 
@@ -131,6 +167,8 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        if self.store:
+            self.store.close()
         if self.loaded:
             close_loaded(self.loaded)
             self.loaded = None

@@ -10,14 +10,14 @@ import ipaddress
 import zlib
 from dataclasses import dataclass, field
 
-from .model import PROTOCOLS, ClusterConfig, Pod, Service, resolve_backends
+from .model import PROTOCOLS, ClusterConfig, Lease, Pod, Service, resolve_backends
 
 Frozen = tuple  # tuple of (field, value) pairs, sorted by field
 
 # Maps the daemon writes, in apply order: a map is filled before the maps that point
 # into it (backends and their Maglev tables before the service frontends that use them);
 # deletions run in the reverse order.
-OWNED_MAPS = ("config", "endpoints", "backends", "services")
+OWNED_MAPS = ("config", "endpoints", "tunnels", "backends", "services")
 # Maps whose values belong to the programs (counters): the daemon only adds and removes keys.
 KEY_ONLY_MAPS = ("backends",)
 
@@ -40,11 +40,21 @@ class MaglevSpec:
     digest: int
 
 
+@dataclass(frozen=True)
+class Overlay:
+    """This node's overlay: its device, VNI and VtepMAC, and the subnet it owns."""
+    ifindex: int
+    vni: int
+    vtep_mac: str
+    subnet: str
+
+
 @dataclass
 class Desired:
     maps: dict[str, dict[Frozen, Frozen]] = field(default_factory=lambda: {m: {} for m in OWNED_MAPS})
     maglev: dict[int, MaglevSpec] = field(default_factory=dict)   # service-port id -> table
     ingress: dict[int, str] = field(default_factory=dict)          # ifindex -> program attached at tc ingress
+    egress: dict[int, str] = field(default_factory=dict)           # ifindex -> program attached at tc egress
     missing_links: list[str] = field(default_factory=list)          # pods on this node whose veth is gone
 
 
@@ -56,12 +66,25 @@ def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
 
 
 def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: list[Service] = (),
-            cluster: ClusterConfig | None = None, table_size_for=None) -> Desired:
+            cluster: ClusterConfig | None = None, table_size_for=None, leases: list[Lease] = (),
+            overlay: Overlay | None = None) -> Desired:
     out = Desired()
     cluster = cluster or ClusterConfig()
     net = ipaddress.IPv4Network(cluster.service_cidr)
-    out.maps["config"][freeze({"value": 0})] = freeze(
-        {"service_net": str(net.network_address), "service_mask": str(net.netmask), "flags": 0})
+    out.maps["config"][freeze({"value": 0})] = freeze({
+        "service_net": str(net.network_address), "service_mask": str(net.netmask), "flags": 0,
+        "overlay_ifindex": overlay.ifindex if overlay else 0, "vni": overlay.vni if overlay else 0,
+        "vtep_mac": overlay.vtep_mac if overlay else "00:00:00:00:00:00"})
+
+    if overlay:
+        out.ingress[overlay.ifindex] = "from_overlay"
+        out.egress[overlay.ifindex] = "to_overlay"
+        for lease in leases:
+            if lease.subnet == overlay.subnet or not lease.vtep_mac:
+                continue   # our own subnet is local; a lease without a VtepMAC cannot be reached
+            subnet = ipaddress.IPv4Network(lease.subnet)
+            out.maps["tunnels"][freeze({"prefixlen": subnet.prefixlen, "ip": str(subnet.network_address)})] = freeze(
+                {"node_ip": lease.public_ip, "vtep_mac": lease.vtep_mac.lower()})
 
     for pod in sorted(pods, key=lambda p: p.name):
         if pod.node != node:
@@ -77,11 +100,18 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
     if table_size_for is None:
         from .maglev import table_size_for
     by_name = {p.name: p for p in pods}
+    remote_subnets = [ipaddress.IPv4Network(dict(k)["ip"] + "/" + str(dict(k)["prefixlen"])) for k in out.maps["tunnels"]]
+
+    def reachable(ip: str) -> bool:
+        addr = ipaddress.IPv4Address(ip)
+        return any(addr in s for s in remote_subnets)
+
     for svc in sorted(services, key=lambda s: s.name):
         for port in svc.ports:
-            # A local backend is ready once its veth exists; remote ones once their pod is stored.
+            # A local backend is ready once its veth exists; a remote one while its node's
+            # subnet is leased (reachable through the overlay).
             ready = [b for b in resolve_backends(svc, port, by_name)
-                     if b.node != node or by_name[b.pod].host_ifname in links]
+                     if (by_name[b.pod].host_ifname in links if b.node == node else reachable(b.ip))]
             spec = maglev_spec([(b.ip, b.port) for b in ready], table_size_for)
             out.maglev[port.id] = spec
             for ip, bport in spec.backends:

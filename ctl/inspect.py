@@ -174,3 +174,14 @@ def ct_list(loader: Loader) -> list[dict]:
             "flags": flags,
         })
     return out
+
+
+def tunnel_list(loader: Loader, lease_expiry: dict[str, float | None]) -> list[dict]:
+    """Remote subnets programmed for the overlay, with their lease's remaining TTL from the store."""
+    out = []
+    for e in map_dump(loader, "tunnels"):
+        subnet = f"{e['key']['ip']}/{e['key']['prefixlen']}"
+        expiry = lease_expiry.get(subnet)
+        out.append({"subnet": subnet, "node_ip": e["value"]["node_ip"], "vtep_mac": e["value"]["vtep_mac"],
+                    "lease_expires_in_s": round(expiry) if expiry is not None else None})
+    return sorted(out, key=lambda r: r["subnet"])

@@ -23,7 +23,8 @@ from .model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
 
 NETNS_DIR = Path("/run/netns")
 RT_PROTO_ATOMNET = 192
-IN6_ADDR_GEN_MODE_NONE = 1  # our routes carry their own protocol number, like `proto bird` for BIRD
+IN6_ADDR_GEN_MODE_NONE = 1
+IFF_UP, IFF_NOARP = 0x1, 0x80  # our routes carry their own protocol number, like `proto bird` for BIRD
 
 
 @dataclass(frozen=True)
@@ -157,3 +158,49 @@ def delete_pod_links(host_if: str) -> bool:
             if exc.code != errno.ENODEV:
                 raise
         return True
+
+
+def overlay_ifname(vni: int) -> str:
+    """flannel names its device flannel.<VNI>; ours is atomnet.<VNI>."""
+    return f"atomnet.{vni}"
+
+
+def ensure_overlay(vni: int, port: int, mac: str, mtu: int, subnet: str, cluster_cidr: str) -> int:
+    """The node's one VXLAN device in external (collect_md) mode: the programs choose the
+    remote VTEP per packet. Like flannel: the subnet's .0 address on it (the node's source
+    for traffic to remote pods) and the cluster network routed through it. NOARP: nobody
+    resolves neighbours on it; inner MACs are set by the programs. Returns its ifindex."""
+    import ipaddress
+    name = overlay_ifname(vni)
+    net = ipaddress.IPv4Network(subnet)
+    with ipr() as conn:
+        found = conn.link_lookup(ifname=name)
+        if found:
+            link = conn.get_links(found[0])[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            data = info.get_attr("IFLA_INFO_DATA") if info else None
+            if (info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan" or data is None
+                    or data.get_attr("IFLA_VXLAN_PORT") != port or not data.get_attr("IFLA_VXLAN_COLLECT_METADATA")):
+                conn.link("del", index=found[0])   # not what we need (e.g. VXLAN port changed): recreate
+                found = []
+        if not found:
+            try:
+                conn.link("add", ifname=name, kind="vxlan", vxlan_collect_metadata=1, vxlan_port=port,
+                          vxlan_learning=0, address=mac, mtu=mtu)
+            except NetlinkError as exc:
+                if exc.code == errno.EADDRINUSE:
+                    raise AtomnetError(f"UDP port {port} is taken by another VXLAN device on this node "
+                                       "(flannel.1?): one node runs one overlay") from None
+                raise
+        index = conn.link_lookup(ifname=name)[0]
+        conn.link("set", index=index, address=mac, mtu=mtu, flags=IFF_NOARP | IFF_UP, mask=IFF_NOARP | IFF_UP)
+        conn.link("set", index=index, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
+            ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
+        wanted = str(net.network_address)
+        for a in conn.get_addr(index=index, family=2):
+            if a.get_attr("IFA_ADDRESS") != wanted:
+                conn.addr("del", index=index, address=a.get_attr("IFA_ADDRESS"), prefixlen=a["prefixlen"])
+        if not conn.get_addr(index=index, family=2):
+            conn.addr("add", index=index, address=wanted, prefixlen=32)
+        conn.route("replace", dst=cluster_cidr, oif=index, scope=253, prefsrc=wanted, proto=RT_PROTO_ATOMNET)
+        return index

@@ -18,6 +18,7 @@
 #define MAX_CONNTRACK 262144
 #define MAX_AFFINITY 65536
 #define MAX_FRAGMENTS 8192
+#define MAX_NODES 16384
 /* The template of every per-service Maglev table; BPF_F_INNER_MAP lets each service
  * have its own (prime) size. */
 #define MAGLEV_TEMPLATE_SIZE 1021
@@ -54,6 +55,15 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct tunnel_key);
+	__type(value, struct tunnel_info);
+	__uint(max_entries, MAX_NODES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tunnels SEC(".maps");
 
 struct maglev_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

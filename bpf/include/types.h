@@ -44,7 +44,10 @@ enum counter_id {
 	CTR_ICMP_ERROR_NAT = 8,		/* an ICMP error about a translated flow, translated back */
 	CTR_DROP_FRAGMENT = 9,		/* a fragment to a service whose first fragment was never seen */
 	CTR_DROP_NAT_FAILED = 10,	/* rewriting a header failed (or IP options where atomnet builds a reply) */
-	CTR_MAX = 11,
+	CTR_FWD_OVERLAY = 11,		/* encapsulated to the node that owns the destination */
+	CTR_FROM_OVERLAY = 12,		/* decapsulated traffic for this node */
+	CTR_DROP_NO_TUNNEL = 13,	/* to the cluster network, but no node owns that subnet */
+	CTR_MAX = 14,
 };
 
 struct counter {
@@ -57,7 +60,22 @@ struct config {
 	__be32 service_net;		/* service CIDR, network order */
 	__be32 service_mask;		/* its netmask, network order */
 	__u32 flags;			/* reserved, 0 */
-	__u32 pad;
+	__u32 overlay_ifindex;		/* the VXLAN device (external mode); 0 = no overlay yet */
+	__u32 vni;			/* VXLAN network identifier, host order (flannel: 1) */
+	__u8  vtep_mac[ETH_ALEN_];	/* this node's overlay device MAC: inner source MAC */
+	__u16 pad;
+};
+
+/* tunnels (LPM trie): remote pod subnet -> the node that owns it (from its subnet lease). */
+struct tunnel_key {
+	__u32 prefixlen;		/* LPM: bits of ip that count, host order */
+	__be32 ip;
+};
+
+struct tunnel_info {
+	__be32 node_ip;			/* the owner's PublicIP: outer destination */
+	__u8  vtep_mac[ETH_ALEN_];	/* the owner's VtepMAC: inner destination MAC */
+	__u16 pad;
 };
 
 /* services: (VIP, port, protocol) -> the service port's load-balancing state. */

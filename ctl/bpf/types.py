@@ -26,7 +26,10 @@ class CounterId(enum.IntEnum):
     CTR_ICMP_ERROR_NAT = 8
     CTR_DROP_FRAGMENT = 9
     CTR_DROP_NAT_FAILED = 10
-    CTR_MAX = 11
+    CTR_FWD_OVERLAY = 11
+    CTR_FROM_OVERLAY = 12
+    CTR_DROP_NO_TUNNEL = 13
+    CTR_MAX = 14
 
 
 class CtDir(enum.IntEnum):
@@ -108,8 +111,19 @@ class Counter(Mirror):
 
 class Config(Mirror):
     _fields_ = [("service_net", ct.c_uint32), ("service_mask", ct.c_uint32), ("flags", ct.c_uint32),
-                ("pad", ct.c_uint32)]
-    _format_ = {"service_net": IPV4, "service_mask": IPV4}
+                ("overlay_ifindex", ct.c_uint32), ("vni", ct.c_uint32), ("vtep_mac", ct.c_uint8 * 6),
+                ("pad", ct.c_uint16)]
+    _format_ = {"service_net": IPV4, "service_mask": IPV4, "vtep_mac": MAC}
+
+
+class TunnelKey(Mirror):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ip", ct.c_uint32)]
+    _format_ = {"ip": IPV4}
+
+
+class TunnelInfo(Mirror):
+    _fields_ = [("node_ip", ct.c_uint32), ("vtep_mac", ct.c_uint8 * 6), ("pad", ct.c_uint16)]
+    _format_ = {"node_ip": IPV4, "vtep_mac": MAC}
 
 
 class ServiceKey(Mirror):
@@ -186,6 +200,8 @@ MIRRORS: dict[str, type[Mirror]] = {
     "affinity_value": AffinityValue,
     "frag_key": FragKey,
     "frag_ports": FragPorts,
+    "tunnel_key": TunnelKey,
+    "tunnel_info": TunnelInfo,
     "__u32": U32,
 }
 

@@ -90,7 +90,7 @@ def test_tcp_stream_survives_daemon_sigkill_and_restart(rig, node, pods):
     a, b, _ = pods
     rig.spawn(spawn_in_pod(b["name"], "iperf3", "-s", "-1", "-p", "5201"))
     time.sleep(0.5)
-    old_prog = node.atomnet_json("prog", "show")[0]["id"]
+    old_prog = {p["name"]: p["id"] for p in node.atomnet_json("prog", "show")}
     client = rig.spawn(spawn_in_pod(a["name"], "iperf3", "-c", b["ip"], "-p", "5201", "-t", "6", "-J"))
     time.sleep(1.5)
     node.stop_daemon(signal.SIGKILL)
@@ -101,7 +101,7 @@ def test_tcp_stream_survives_daemon_sigkill_and_restart(rig, node, pods):
     assert result["end"]["sum_received"]["bytes"] > 0
     # Every one-second interval moved data: no stall while programs were replaced.
     assert all(i["sum"]["bytes"] > 0 for i in result["intervals"])
-    new = node.atomnet_json("prog", "show")[0]["id"]
-    assert new != old_prog, "the restarted daemon attached a new program generation"
-    attached = {f["prog_id"] for f in node.atomnet_json("net", "show") if f["atomnet"]}
-    assert attached == {new}
+    new = {p["name"]: p["id"] for p in node.atomnet_json("prog", "show")}
+    assert set(new.values()).isdisjoint(old_prog.values()), "the restarted daemon attached a new generation"
+    attached = {(f["name"].removeprefix("atomnet:"), f["prog_id"]) for f in node.atomnet_json("net", "show") if f["atomnet"]}
+    assert attached == set(new.items()), "every attachment runs the new generation"

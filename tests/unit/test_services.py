@@ -157,7 +157,18 @@ def test_desired_services_maps():
     links = {host_ifname("w1"): LinkInfo(5, "02:aa:00:00:00:05")}   # w3's veth is not there (yet)
     s = Service("web", "10.96.0.10", (ServicePort(80, 8080, "tcp", id=7),), selector={"app": "w"},
                 affinity_timeout=600)
-    d = compute("n1", pods, links, [s], ClusterConfig(), table_size_for=lambda n: 251)
+    from ctl.desired import Overlay
+    from ctl.model import Lease
+    leases = [Lease("10.244.1.0/24", "192.168.100.1", 1, "02:00:00:00:01:01"),
+              Lease("10.244.2.0/24", "192.168.100.2", 1, "02:00:00:00:02:02")]
+    d = compute("n1", pods, links, [s], ClusterConfig(), table_size_for=lambda n: 251, leases=leases,
+                overlay=Overlay(9, 1, "02:00:00:00:01:01", "10.244.1.0/24"))
+    assert d.maps["tunnels"] == {freeze({"prefixlen": 24, "ip": "10.244.2.0"}): freeze(
+        {"node_ip": "192.168.100.2", "vtep_mac": "02:00:00:00:02:02"})}, "remote subnets only"
+    assert d.ingress[9] == "from_overlay" and d.egress[9] == "to_overlay"
+    # Without the lease of w2's node, w2 is not reachable, so not a backend.
+    alone = compute("n1", pods, links, [s], ClusterConfig(), table_size_for=lambda n: 251)
+    assert alone.maglev[7].backends == (("10.244.1.2", 8080),)
     key = freeze({"vip": "10.96.0.10", "port": 80, "proto": 6})
     value = dict(d.maps["services"][key])
     assert value["id"] == 7 and value["backend_count"] == 2 and value["affinity_timeout"] == 600
