@@ -51,7 +51,7 @@ class Node:
         return json.loads(self.atomnet("-j", *args).stdout)
 
     def exec(self, *cmd, check=True, timeout=30) -> subprocess.CompletedProcess:
-        return sh(*self.nsenter, *cmd, check=check, timeout=timeout)
+        return sh(*self.nsenter, *cmd, check=check, timeout=timeout, env=self.env())
 
     def start_daemon(self, *extra) -> None:
         log = open(self.log_path, "a")
@@ -117,11 +117,34 @@ class Rig:
         self.underlay = f"an{uid}-ul"
         self.nodes: list[Node] = []
         self.procs: list[subprocess.Popen] = []
+        self.etcd = None
+        self.extra_netns: list[str] = []   # namespaces a test made itself, removed at teardown
         sh("ip", "netns", "add", self.underlay)
         sh("ip", "-n", self.underlay, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.underlay, "link", "set", "br0", "up")
+        sh("ip", "-n", self.underlay, "link", "set", "lo", "up")
 
-    def add_node(self, name: str, network: str = "10.244.0.0/16") -> Node:
+    def use_etcd(self) -> str:
+        """A real etcd on the underlay (its own address on the bridge), shared by every node."""
+        from tests.etcd_server import EtcdServer, etcd_available
+        reason = etcd_available()
+        if reason:
+            import pytest
+            pytest.skip(reason)
+        sh("ip", "-n", self.underlay, "addr", "add", f"{UNDERLAY_NET}.254/24", "dev", "br0")
+        self.etcd = EtcdServer(f"{UNDERLAY_NET}.254", prefix=["nsenter", f"--net=/run/netns/{self.underlay}"],
+                               data_parent=str(self.tmp)).start()
+        self.store = self.etcd.url
+        return self.store
+
+    def add_node(self, name: str, network: str = "10.244.0.0/16", init: bool = True) -> Node:
+        node = self.add_host(name)
+        if init and len(self.nodes) == 1:
+            node.atomnet("network", "init", "--cidr", network)
+        return node
+
+    def add_host(self, name: str) -> Node:
+        """A namespace on the underlay with an uplink address (an atomnet node, or a plain host)."""
         node = Node(self, name, len(self.nodes) + 1)
         self.nodes.append(node)
         sh("ip", "netns", "add", node.netns)
@@ -133,8 +156,6 @@ class Rig:
         sh("ip", "-n", node.netns, "addr", "add", f"{node.ip}/24", "dev", "uplink0")
         sh("ip", "-n", node.netns, "link", "set", "uplink0", "up")
         sh("ip", "-n", node.netns, "link", "set", "lo", "up")
-        if len(self.nodes) == 1:
-            node.atomnet("network", "init", "--cidr", network)
         return node
 
     def spawn(self, proc: subprocess.Popen) -> subprocess.Popen:
@@ -153,4 +174,8 @@ class Rig:
                 sh("ip", "netns", "del", pod, check=False)  # in case `pod del` itself failed
             sh("ip", "netns", "del", node.netns, check=False)
             shutil.rmtree(node.bpffs, ignore_errors=True)
+        for ns in self.extra_netns:
+            sh("ip", "netns", "del", ns, check=False)
+        if self.etcd:
+            self.etcd.stop()
         sh("ip", "netns", "del", self.underlay, check=False)
