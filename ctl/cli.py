@@ -191,8 +191,11 @@ def run(args) -> int:
         _service_verbs(args, verb)
     elif verb == ("lb", "list"):
         from .inspect import lb_list
-        emit(lb_list(_loader(args), _service_port_names(args)), args.json,
-             ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"], "no services")
+        rows = lb_list(_loader(args), _service_port_names(args))
+        if not args.json:
+            rows = [{**r, "backends": [f"{b['ip']}:{b['port']}({b['packets']}p)" for b in r["backends"]]} for r in rows]
+        emit(rows, args.json, ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"],
+             "no services")
     elif verb == ("tunnel", "list"):
         from .cluster import list_leases
         from .inspect import tunnel_list

@@ -53,11 +53,13 @@ class Node:
     def exec(self, *cmd, check=True, timeout=30) -> subprocess.CompletedProcess:
         return sh(*self.nsenter, *cmd, check=check, timeout=timeout, env=self.env())
 
-    def start_daemon(self, *extra) -> None:
+    def start_daemon(self, *extra, wait: bool = True) -> None:
         log = open(self.log_path, "a")
+        ready = self.log_count("dataplane_ready") + 1
         self.daemon = subprocess.Popen(self.nsenter + ATOMNET + ["daemon", *extra], env=self.env(),
                                        stdout=log, stderr=log, cwd=REPO)
-        self.wait_log("dataplane_ready", occurrences=self.log_count("dataplane_ready") + 1)
+        if wait:
+            self.wait_log("dataplane_ready", occurrences=ready)
 
     def log_count(self, event: str) -> int:
         if not self.log_path.exists():
@@ -124,7 +126,7 @@ class Rig:
         sh("ip", "-n", self.underlay, "link", "set", "br0", "up")
         sh("ip", "-n", self.underlay, "link", "set", "lo", "up")
 
-    def use_etcd(self) -> str:
+    def use_etcd(self, start: bool = True, client_port: int | None = None) -> str:
         """A real etcd on the underlay (its own address on the bridge), shared by every node."""
         from tests.etcd_server import EtcdServer, etcd_available
         reason = etcd_available()
@@ -133,8 +135,10 @@ class Rig:
             pytest.skip(reason)
         sh("ip", "-n", self.underlay, "addr", "add", f"{UNDERLAY_NET}.254/24", "dev", "br0")
         self.etcd = EtcdServer(f"{UNDERLAY_NET}.254", prefix=["nsenter", f"--net=/run/netns/{self.underlay}"],
-                               data_parent=str(self.tmp)).start()
-        self.store = self.etcd.url
+                               data_parent=str(self.tmp), client_port=client_port)
+        if start:
+            self.etcd.start()
+        self.store = f"etcd://{UNDERLAY_NET}.254:{client_port}" if client_port else self.etcd.url
         return self.store
 
     def add_node(self, name: str, network: str = "10.244.0.0/16", init: bool = True) -> Node:

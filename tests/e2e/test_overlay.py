@@ -176,3 +176,31 @@ def test_flannel_node_interoperates(rig):
     assert got == "flannel-pod"
 
 
+
+
+def test_daemon_waits_for_etcd_and_survives_losing_it(rig):
+    import random
+    port = random.randint(20000, 30000)
+    rig.use_etcd(start=False, client_port=port)
+    n1 = rig.add_node("n1", init=False)
+    n1.start_daemon(wait=False)
+    n1.wait_log("retrying", occurrences=2, timeout=20)   # one line per attempt, backing off, no crash
+    assert n1.daemon.poll() is None
+    rig.etcd.start()
+    n1.atomnet("network", "init", "--cidr", "10.244.0.0/16")
+    n1.wait_log("dataplane_ready", timeout=60)
+    a, b = n1.add_pod("a"), n1.add_pod("b")
+    n1.wait_endpoint(b["ip"])
+    rig.etcd.proc.send_signal(signal.SIGSTOP)            # etcd lost
+    try:
+        for _ in range(3):
+            in_pod(a["name"], "ping", "-c1", "-W2", b["ip"])  # the dataplane keeps forwarding
+            time.sleep(1)
+        assert n1.daemon.poll() is None
+    finally:
+        rig.etcd.proc.send_signal(signal.SIGCONT)
+    svc = n1.atomnet_json("service", "add", f"late{rig.uid}", "--port", "80", "--backend", b["name"])
+    deadline = time.monotonic() + 45
+    while not any(r["service"] == svc["name"] for r in n1.atomnet_json("lb", "list")):
+        assert time.monotonic() < deadline, "the daemon caught up after etcd came back"
+        time.sleep(0.3)

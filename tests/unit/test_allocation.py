@@ -84,3 +84,25 @@ def test_network_init_is_idempotent_and_refuses_a_different_cidr(store):
         cluster.init_network(store, "10.245.0.0/16", 24, "10.96.0.0/12")
     assert store.revision() == rev
     assert cluster.load_network(store).network == "10.244.0.0/16"
+
+
+def test_malformed_leases_are_skipped_and_the_rest_kept(store):
+    cfg = NetworkConfig(network="10.244.0.0/16")
+    good, _ = cluster.acquire_subnet(store, cfg, "192.168.100.1", "02:00:00:00:00:01")
+    store.put("/coreos.com/network/subnets/10.244.77.0-24", "{not json")
+    store.put("/coreos.com/network/subnets/10.244.78.0-24", '{"PublicIP": "not-an-ip"}')
+    leases = [lease for lease, _ in cluster.list_leases(store)]
+    assert leases == [good]
+    # A malformed subnet is never handed out either: its key is taken.
+    for _ in range(20):
+        lease, _ = cluster.acquire_subnet(store, cfg, f"192.168.101.{_ + 1}", "02:00:00:00:00:02")
+        assert lease.subnet not in ("10.244.77.0/24", "10.244.78.0/24")
+
+
+def test_flannel_config_fields_and_backend_check():
+    cfg = NetworkConfig.from_json('{"Network": "10.1.0.0/16", "SubnetLen": 26, "SubnetMin": "10.1.0.64",'
+                                  ' "SubnetMax": "10.1.1.0", "Backend": {"Type": "vxlan", "VNI": 4, "Port": 4789}}')
+    assert (cfg.subnet_len, cfg.vni, cfg.port) == (26, 4, 4789)
+    assert [str(s) for s in cfg.subnets()] == ["10.1.0.64/26", "10.1.0.128/26", "10.1.0.192/26", "10.1.1.0/26"]
+    with pytest.raises(AtomnetError, match="not supported"):
+        NetworkConfig.from_json('{"Network": "10.1.0.0/16", "Backend": {"Type": "host-gw"}}')
