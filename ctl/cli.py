@@ -80,11 +80,22 @@ def build_parser() -> Parser:
     sadd.add_argument("--backend", action="append", default=[], metavar="POD[:PORT]")
     sadd.add_argument("--selector", action="append", default=[], metavar="K=V")
     sadd.add_argument("--affinity", metavar="client-ip[:SECONDS]")
+    sadd.add_argument("--node-port", metavar="auto|N", help="also publish on every node's address (NodePort)")
     sdel = verb(svc, "del", "delete a service (idempotent)")
     sdel.add_argument("name")
     verb(svc, "list", "list services")
     sshow = verb(svc, "show", "one service with its resolved backends")
     sshow.add_argument("name")
+    fwd = verbs.add_parser("forward", help="port forwarding").add_subparsers(dest="action", required=True,
+                                                                            parser_class=Parser)
+    fadd = verb(fwd, "add", "publish a pod port on this node (like docker run -p)")
+    fadd.add_argument("target", metavar="POD:PORT")
+    fadd.add_argument("--host-port", default="auto", metavar="N|auto")
+    fadd.add_argument("--host-ip", help="an address of this node (default: its public IP)")
+    fadd.add_argument("--proto", default="tcp", help="tcp or udp")
+    fdel = verb(fwd, "del", "remove a forward (idempotent)")
+    fdel.add_argument("id")
+    verb(fwd, "list", "list forwards")
     ap = verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}")
     ap.add_argument("-f", "--file", required=True, help="FILE, or - for standard input")
     ap.add_argument("--prune", action="store_true", help="delete services the file no longer lists")
@@ -187,6 +198,8 @@ def run(args) -> int:
         except AtomnetError:
             names = {}  # the dataplane is readable even when the store is not
         emit(endpoint_list(_loader(args), names), args.json, empty="no endpoints")
+    elif verb[0] == "forward":
+        _forward_verbs(args, verb)
     elif verb[0] in ("service", "apply"):
         _service_verbs(args, verb)
     elif verb == ("lb", "list"):
@@ -222,11 +235,14 @@ def run(args) -> int:
 
 
 def _service_port_names(args) -> dict[int, str]:
-    """service-port id -> service name, for inspection output (the dataplane only knows ids)."""
+    """service-port id -> service name (or forward:ID), for inspection output (the dataplane only knows ids)."""
+    from .forwards import list_forwards
     from .services import list_services
     try:
         with _store(args) as store:
-            return {p.id: s.name for s in list_services(store) for p in s.ports}
+            names = {p.id: s.name for s in list_services(store) for p in s.ports}
+            names.update({f.service_id: f"forward:{f.id}" for f in list_forwards(store)})
+            return names
     except AtomnetError:
         return {}  # the dataplane is readable even when the store is not
 
@@ -250,7 +266,7 @@ def _service_verbs(args, verb) -> None:
             svc = Service(name=args.name, vip=args.vip or "", ports=tuple(ServicePort.parse(p) for p in args.port),
                           backends=tuple(BackendRef.parse(b) for b in args.backend),
                           selector=parse_labels(args.selector), affinity_timeout=parse_affinity(args.affinity))
-            shown = svclib.show(svclib.add_service(store, svc), svclib.pods_by_name(store))
+            shown = svclib.show(svclib.add_service(store, svc, args.node_port), svclib.pods_by_name(store))
             emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
         elif verb == ("service", "del"):
             gone = svclib.delete_service(store, args.name)
@@ -272,6 +288,43 @@ def _service_verbs(args, verb) -> None:
             text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
             result = svclib.apply(store, svclib.parse_documents(text), prune=args.prune)
             emit(result, args.json)
+
+
+FORWARD_COLUMNS = ["id", "host_ip", "host_port", "proto", "pod", "port", "packets", "bytes"]
+
+
+def _forward_row(fwd, counters: dict[int, tuple[int, int]] | None = None) -> dict:
+    d = fwd.to_dict()
+    d.pop("service_id")
+    d.pop("node")
+    packets, nbytes = (counters or {}).get(fwd.service_id, (None, None))
+    return {**d, "node": fwd.node, "packets": packets, "bytes": nbytes}
+
+
+def _forward_verbs(args, verb) -> None:
+    from . import forwards as fwdlib
+    with _store(args) as store:
+        if verb == ("forward", "add"):
+            fwd = fwdlib.add_forward(store, args.node, args.target, args.host_port, args.host_ip, args.proto)
+            if args.json:
+                emit(_forward_row(fwd), True)
+            else:
+                print(fwd.host_port)   # like `docker port`: the port it chose is what scripts need
+        elif verb == ("forward", "del"):
+            gone = fwdlib.delete_forward(store, args.id)
+            if args.json:
+                emit([_forward_row(gone)] if gone else [], True)
+            else:
+                print(f"forward {args.id} deleted" if gone else f"forward {args.id} not found (nothing to do)")
+        else:
+            counters = {}
+            try:
+                from .inspect import lb_list
+                counters = {r["id"]: (r["packets"], r["bytes"]) for r in lb_list(_loader(args), {})}
+            except AtomnetError:
+                pass  # no dataplane on this node: list what is stored
+            emit([_forward_row(f, counters) for f in fwdlib.list_forwards(store)], args.json,
+                 FORWARD_COLUMNS + ["node"], "no forwards")
 
 
 def _read_file(path: str) -> str:

@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from . import netplumb, pods as podlib, services as svclib
+from . import forwards as fwdlib, netplumb, pods as podlib, services as svclib
 from .bpf import syscalls as sc, tc
 from .bpf.loader import Loader, close_loaded, ensure_bpffs
 from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
@@ -64,6 +64,8 @@ class Daemon:
             self.store, self.node_name, self.public_ip, self.uplink, ttl=self.lease_ttl))
         self.lease_deadline = time.monotonic() + self.lease_ttl
         self.retry("overlay_setup", self.setup_overlay)
+        for key in netplumb.node_sysctls():
+            log.info("sysctl_set", key=key, value="1")
         log.info("node_ready", node=self.node.name, subnet=self.node.subnet, public_ip=self.node.public_ip,
                  uplink=self.node.uplink, pod_mtu=self.node.pod_mtu, overlay=netplumb.overlay_ifname(self.network.vni))
         self.loaded = self.loader.load()
@@ -98,9 +100,13 @@ class Daemon:
 
     def reconcile(self, force_attach: bool = False) -> None:
         started = time.monotonic()
-        desired = compute(self.node_name, podlib.list_pods(self.store), netplumb.link_table(),
+        links = netplumb.link_table()
+        netdevs = [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
+        desired = compute(self.node_name, podlib.list_pods(self.store), links,
                           svclib.list_services(self.store), load_cluster_config(self.store),
-                          leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay)
+                          leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay,
+                          forwards=fwdlib.list_forwards(self.store, self.node_name), node_ip=self.node.public_ip,
+                          netdevs=netdevs)
         for name in desired.missing_links:
             log.warning("pod_link_missing", pod=name)
         diffs = apply(self.loaded.maps, desired)

@@ -10,7 +10,7 @@ import ipaddress
 import zlib
 from dataclasses import dataclass, field
 
-from .model import PROTOCOLS, ClusterConfig, Lease, Pod, Service, resolve_backends
+from .model import PROTOCOLS, ClusterConfig, Forward, Lease, Pod, Service, resolve_backends
 
 Frozen = tuple  # tuple of (field, value) pairs, sorted by field
 
@@ -67,14 +67,16 @@ def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
 
 def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: list[Service] = (),
             cluster: ClusterConfig | None = None, table_size_for=None, leases: list[Lease] = (),
-            overlay: Overlay | None = None) -> Desired:
+            overlay: Overlay | None = None, forwards: list[Forward] = (), node_ip: str | None = None,
+            netdevs: list[int] = ()) -> Desired:
     out = Desired()
     cluster = cluster or ClusterConfig()
     net = ipaddress.IPv4Network(cluster.service_cidr)
     out.maps["config"][freeze({"value": 0})] = freeze({
         "service_net": str(net.network_address), "service_mask": str(net.netmask), "flags": 0,
         "overlay_ifindex": overlay.ifindex if overlay else 0, "vni": overlay.vni if overlay else 0,
-        "vtep_mac": overlay.vtep_mac if overlay else "00:00:00:00:00:00"})
+        "vtep_mac": overlay.vtep_mac if overlay else "00:00:00:00:00:00",
+        "snat_ip": str(ipaddress.IPv4Network(overlay.subnet).network_address) if overlay else "0.0.0.0"})
 
     if overlay:
         out.ingress[overlay.ifindex] = "from_overlay"
@@ -97,6 +99,9 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
             {"ifindex": link.ifindex, "mac": pod.mac, "node_mac": link.mac})
         out.ingress[link.ifindex] = "from_pod"
 
+    for ifindex in netdevs:   # uplink (from outside) and lo (the node's own connections)
+        out.ingress[ifindex] = "from_netdev"
+
     if table_size_for is None:
         from .maglev import table_size_for
     by_name = {p.name: p for p in pods}
@@ -116,7 +121,24 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
             out.maglev[port.id] = spec
             for ip, bport in spec.backends:
                 out.maps["backends"][freeze({"service_id": port.id, "ip": ip, "port": bport})] = ()
-            out.maps["services"][freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]})] = freeze({
-                "id": port.id, "backend_count": len(spec.backends), "table_size": spec.table_size,
-                "affinity_timeout": svc.affinity_timeout, "digest": spec.digest})
+            value = freeze({"id": port.id, "backend_count": len(spec.backends), "table_size": spec.table_size,
+                            "affinity_timeout": svc.affinity_timeout, "digest": spec.digest})
+            out.maps["services"][freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]})] = value
+            if port.node_port and node_ip:   # NodePort: the same backends behind this node's address
+                out.maps["services"][freeze({"vip": node_ip, "port": port.node_port,
+                                             "proto": PROTOCOLS[port.proto]})] = value
+
+    for fwd in sorted(forwards, key=lambda f: f.id):
+        if fwd.node != node:
+            continue
+        pod = by_name.get(fwd.pod)
+        ready = [] if pod is None else [(pod.ip, fwd.port)] if (
+            pod.host_ifname in links if pod.node == node else reachable(pod.ip)) else []
+        spec = maglev_spec(ready, table_size_for)
+        out.maglev[fwd.service_id] = spec
+        for ip, bport in spec.backends:
+            out.maps["backends"][freeze({"service_id": fwd.service_id, "ip": ip, "port": bport})] = ()
+        out.maps["services"][freeze({"vip": fwd.host_ip, "port": fwd.host_port, "proto": PROTOCOLS[fwd.proto]})] = \
+            freeze({"id": fwd.service_id, "backend_count": len(spec.backends), "table_size": spec.table_size,
+                    "affinity_timeout": 0, "digest": spec.digest})
     return out

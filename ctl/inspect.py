@@ -155,13 +155,13 @@ def lb_list(loader: Loader, service_names: dict[int, str]) -> list[dict]:
 
 def ct_list(loader: Loader) -> list[dict]:
     """Decoded conntrack: the tuple as seen, the translation, age and flags."""
-    from .bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY
+    from .bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT
     now = _monotonic_ns()
     out = []
     for e in map_dump(loader, "conntrack"):
         k, v = e["key"], e["value"]
         flags = [n for bit, n in ((CT_F_CLOSING, "closing"), (CT_F_HAIRPIN, "hairpin"),
-                                  (CT_F_SEEN_REPLY, "seen_reply")) if v["flags"] & bit]
+                                  (CT_F_SEEN_REPLY, "seen_reply"), (CT_F_SNAT, "snat")) if v["flags"] & bit]
         reply = k["dir"] == 1
         out.append({
             "dir": "reply" if reply else "forward", "proto": _PROTO_NAMES.get(k["proto"], k["proto"]),

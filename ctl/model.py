@@ -398,3 +398,48 @@ def resolve_backends(svc: Service, port: ServicePort, pods: dict[str, Pod]) -> l
         if pod is not None:
             out.append(Backend(pod.name, pod.ip, ref.port or port.target_port, pod.node))
     return sorted(out, key=lambda b: (b.ip, b.port))
+
+
+# ---------------------------------------------------------------- forwards
+
+FORWARDS_PREFIX = "/atomnet/forwards/"
+HOSTPORTS_PREFIX = "/atomnet/hostports/"   # /atomnet/hostports/NODE/PROTO/PORT -> forward id
+NODEPORTS_PREFIX = "/atomnet/nodeports/"   # /atomnet/nodeports/PROTO/PORT -> service name
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A pod port published on a node port (Docker -p / Kubernetes hostPort)."""
+    id: str
+    node: str
+    host_ip: str
+    host_port: int
+    proto: str
+    pod: str
+    port: int
+    service_id: int   # its frontend's id in the dataplane (shares the service-port id space)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Forward":
+        return cls(**json.loads(text))
+
+
+def forward_id(node: str, proto: str, host_port: int) -> str:
+    return f"{node}-{proto}-{host_port}"
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi)
+    except ValueError:
+        raise ValidationError(f"invalid port range {text!r}: use LOW-HIGH") from None
+    if not 1 <= a <= b <= 65535:
+        raise ValidationError(f"invalid port range {text!r}")
+    return a, b

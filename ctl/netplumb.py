@@ -204,3 +204,25 @@ def ensure_overlay(vni: int, port: int, mac: str, mtu: int, subnet: str, cluster
             conn.addr("add", index=index, address=wanted, prefixlen=32)
         conn.route("replace", dst=cluster_cidr, oif=index, scope=253, prefsrc=wanted, proto=RT_PROTO_ATOMNET)
         return index
+
+
+NODE_SYSCTLS = {
+    # A node routes for its pods (and the programs' FIB lookups require it), like every
+    # Kubernetes node.
+    "net/ipv4/ip_forward": "1",
+    # Replies to the node's own connections to a published port come back translated to
+    # "from the node's address"; the programs hand them to lo, which must accept a local
+    # source there (nothing else arrives on lo from outside).
+    "net/ipv4/conf/lo/accept_local": "1",
+}
+
+
+def node_sysctls() -> list[str]:
+    """Sets NODE_SYSCTLS in this namespace; returns the ones it changed."""
+    changed = []
+    for key, value in NODE_SYSCTLS.items():
+        path = Path("/proc/sys") / key
+        if path.read_text().strip() != value:
+            path.write_text(value)
+            changed.append(key.replace("/", "."))
+    return changed

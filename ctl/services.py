@@ -14,8 +14,8 @@ import structlog
 
 from . import cluster
 from .errors import AtomnetError
-from .model import (PODS_PREFIX, SERVICE_PORT_ID_KEY, SERVICES_PREFIX, VIPS_PREFIX, Pod, Service,
-                    ServicePort, ValidationError, resolve_backends)
+from .model import (NODEPORTS_PREFIX, PODS_PREFIX, SERVICE_PORT_ID_KEY, SERVICES_PREFIX, VIPS_PREFIX, Pod,
+                    Service, ServicePort, ValidationError, parse_port_range, resolve_backends)
 from .store import Store
 
 log = structlog.get_logger("atomnet.services")
@@ -91,7 +91,45 @@ def check_backends_exist(svc: Service, pods: dict[str, Pod]) -> None:
             raise AtomnetError(f"service {svc.name}: backend pod {ref.pod} does not exist")
 
 
-def add_service(store: Store, svc: Service) -> Service:
+def _nodeport_key(port: ServicePort) -> str:
+    return f"{NODEPORTS_PREFIX}{port.proto}/{port.node_port}"
+
+
+def claim_node_ports(store: Store, svc: Service, request: str | None) -> Service:
+    """--node-port auto|N: a port of the cluster's NodePort range, claimed cluster-wide
+    (create-if-absent), for every port of the service (N only for a single-port service)."""
+    if not request:
+        return svc
+    lo, hi = parse_port_range(cluster.load_cluster_config(store).node_port_range)
+    if request != "auto":
+        try:
+            wanted = int(request)
+        except ValueError:
+            raise ValidationError(f"invalid node port {request!r}: auto or a number {lo}-{hi}") from None
+        if len(svc.ports) != 1:
+            raise ValidationError("--node-port N needs a single-port service; use --node-port auto")
+        if not lo <= wanted <= hi:
+            raise ValidationError(f"node port {wanted} is outside the NodePort range {lo}-{hi}")
+    ports, claimed = [], []
+    try:
+        for port in svc.ports:
+            candidates = [wanted] if request != "auto" else range(lo, hi + 1)
+            for n in candidates:
+                p = replace(port, node_port=n)
+                if store.create(_nodeport_key(p), svc.name):
+                    claimed.append(_nodeport_key(p))
+                    ports.append(p)
+                    break
+            else:
+                raise AtomnetError(f"node port {request} is already used" if request != "auto"
+                                   else f"NodePort range {lo}-{hi} is exhausted")
+    except BaseException:
+        store.put_many([], deletes=claimed)
+        raise
+    return replace(svc, ports=tuple(ports))
+
+
+def add_service(store: Store, svc: Service, node_port: str | None = None) -> Service:
     cidr = service_cidr(store)
     if get_service(store, svc.name) is not None:
         raise AtomnetError(f"service {svc.name} already exists")
@@ -104,12 +142,15 @@ def add_service(store: Store, svc: Service) -> Service:
         vip = svc.vip
     else:
         vip = _claim_free_vip(store, cidr, svc.name)
+    claimed = svc
     try:
-        stored = with_ids(replace(svc, vip=vip), None, reserve_ids(store, len(svc.ports)))
+        claimed = claim_node_ports(store, svc, node_port)
+        stored = with_ids(replace(claimed, vip=vip), None, reserve_ids(store, len(svc.ports)))
         if not store.create(SERVICES_PREFIX + svc.name, stored.to_json()):
             raise AtomnetError(f"service {svc.name} already exists")
     except BaseException:
-        store.delete(VIPS_PREFIX + vip)
+        store.put_many([], deletes=[VIPS_PREFIX + vip] + [_nodeport_key(p) for p in claimed.ports if p.node_port
+                                                          and claimed is not svc])
         raise
     log.info("service_added", service=svc.name, vip=vip, ports=[p.port for p in stored.ports])
     return stored
@@ -127,7 +168,8 @@ def delete_service(store: Store, name: str) -> Service | None:
     svc = get_service(store, name)
     if svc is None:
         return None
-    store.put_many([], deletes=[SERVICES_PREFIX + name, VIPS_PREFIX + svc.vip])
+    store.put_many([], deletes=[SERVICES_PREFIX + name, VIPS_PREFIX + svc.vip] +
+                   [_nodeport_key(p) for p in svc.ports if p.node_port])
     log.info("service_deleted", service=name, vip=svc.vip)
     return svc
 

@@ -95,9 +95,18 @@ static __always_inline int select_backend(const struct flow *f, const struct ser
 	return 0;
 }
 
-/* A packet to a service frontend: find or create its flow, then DNAT (and SNAT for hairpin). */
+static __always_inline int is_local_pod(__be32 ip)
+{
+	struct endpoint_key k = { .ip = ip };
+
+	return bpf_map_lookup_elem(&endpoints, &k) != NULL;
+}
+
+/* A packet to a service frontend: find or create its flow, then DNAT, and SNAT where the
+ * reply would otherwise not come back through here: hairpin (a pod calling itself), and
+ * (snat_remote != 0) traffic from outside the cluster to a backend on another node. */
 static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct flow *f,
-						 const struct service_info *svc)
+						 const struct service_info *svc, __be32 snat_remote)
 {
 	struct ct_key fk, rk;
 	struct ct_entry *ct;
@@ -124,11 +133,13 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 			return LB_REJECT;
 		if (be.ip == f->saddr)
 			snat = HAIRPIN_IP_BE;
+		else if (snat_remote && !is_local_pod(be.ip))
+			snat = snat_remote;
 		fwd.created_ns = fwd.last_seen_ns = now;
 		fwd.nat_ip = be.ip;
 		fwd.nat_port = be.port;
 		fwd.snat_ip = snat;
-		fwd.flags = snat ? CT_F_HAIRPIN : 0;
+		fwd.flags = !snat ? 0 : snat == HAIRPIN_IP_BE ? CT_F_HAIRPIN : CT_F_SNAT;
 		fwd.service_id = svc->id;
 		fwd.packets = 1;
 		fwd.bytes = skb->len;

@@ -15,11 +15,52 @@
 #include "overlay.h"
 #include "reject.h"
 
-static __always_inline int deliver(struct __sk_buff *skb)
+#define LOOPBACK_IFINDEX 1	/* in every network namespace */
+#define AF_INET 2
+
+/*
+ * A translated packet for neither a local pod nor a remote one (a reply to a client
+ * outside the cluster, or to the node itself) cannot go through the node's stack: its
+ * source is now one of the node's own addresses, which the stack drops as a martian.
+ * So it is routed here: out of the interface the FIB picks (the kernel resolves the
+ * neighbour), or, for the node's own address, into lo.
+ */
+static __always_inline int deliver_routed(struct __sk_buff *skb, __be32 saddr, __be32 daddr, __u16 tot_len)
+{
+	struct bpf_fib_lookup p = {};
+	int rc;
+
+	p.family = AF_INET;
+	p.ipv4_src = saddr;
+	p.ipv4_dst = daddr;
+	p.tot_len = tot_len;
+	p.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		count(skb, CTR_PASS_STACK);
+		return bpf_redirect_neigh(p.ifindex, NULL, 0, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED) {	/* a local address */
+		/* lo's address is all zeros; any other destination MAC would make the stack
+		 * see PACKET_OTHERHOST and drop the packet */
+		__u8 zero[ETH_ALEN] = {};
+
+		if (bpf_skb_store_bytes(skb, 0, zero, ETH_ALEN, 0) < 0)
+			return drop(skb, CTR_DROP_NAT_FAILED);
+		count(skb, CTR_PASS_STACK);
+		return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+	}
+	count(skb, CTR_PASS_STACK);
+	return TC_ACT_OK;
+}
+
+static __always_inline int deliver(struct __sk_buff *skb, int translated)
 {
 	struct headers h;
 	struct endpoint_key key = {};
 	struct endpoint_info *dst;
+	__be32 saddr;
+	__u16 tot_len;
 	int rc;
 
 	/* Rewrites invalidate packet pointers: parse again. */
@@ -29,9 +70,13 @@ static __always_inline int deliver(struct __sk_buff *skb)
 	dst = bpf_map_lookup_elem(&endpoints, &key);
 	if (dst)
 		return deliver_local(skb, &h, dst);
+	saddr = h.ip->saddr;	/* read now: encap_redirect invalidates packet pointers */
+	tot_len = bpf_ntohs(h.ip->tot_len);
 	rc = encap_redirect(skb, key.ip);
 	if (rc >= 0)
 		return rc;
+	if (translated)
+		return deliver_routed(skb, saddr, key.ip, tot_len);
 	count(skb, CTR_PASS_STACK);
 	return TC_ACT_OK;
 }
@@ -47,7 +92,7 @@ static __always_inline int route_from_overlay(struct __sk_buff *skb, struct head
 	case FLOW_OK:
 		break;
 	case FLOW_FRAG_UNKNOWN:
-		return deliver(skb);
+		return deliver(skb, 0);
 	default:
 		return drop(skb, CTR_DROP_MALFORMED);
 	}
@@ -57,7 +102,41 @@ static __always_inline int route_from_overlay(struct __sk_buff *skb, struct head
 		r = lb_reverse(skb, &f);
 	if (r == LB_NAT_FAILED)
 		return drop(skb, CTR_DROP_NAT_FAILED);
-	return deliver(skb);
+	return deliver(skb, r == LB_TRANSLATED);
+}
+
+/* from_netdev's path: traffic from outside (or, on lo, from the node itself) to a
+ * published port or NodePort; everything else is the node's own business. */
+static __always_inline int route_from_netdev(struct __sk_buff *skb, struct headers *h)
+{
+	struct flow f;
+	struct service_key sk = {};
+	struct service_info *svc;
+	struct config *cfg;
+	enum lb_result r;
+
+	if (flow_parse(skb, h, &f) != FLOW_OK || !f.has_l4 ||
+	    (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP))
+		return TC_ACT_OK;
+	sk.vip = f.daddr;
+	sk.port = f.dport;
+	sk.proto = f.proto;
+	svc = bpf_map_lookup_elem(&services, &sk);
+	if (!svc)
+		return TC_ACT_OK;
+	cfg = load_config();
+	r = lb_forward(skb, &f, svc, cfg ? cfg->snat_ip : 0);
+	switch (r) {
+	case LB_REJECT:
+		count(skb, CTR_LB_REJECT);
+		return TC_ACT_OK;	/* nobody to send a reply into: the node's stack refuses the port */
+	case LB_DROP_FRAGMENT:
+		return drop(skb, CTR_DROP_FRAGMENT);
+	case LB_NAT_FAILED:
+		return drop(skb, CTR_DROP_NAT_FAILED);
+	default:
+		return deliver(skb, r == LB_TRANSLATED);
+	}
 }
 
 static __always_inline int route_ipv4(struct __sk_buff *skb, struct headers *h)
@@ -73,7 +152,7 @@ static __always_inline int route_ipv4(struct __sk_buff *skb, struct headers *h)
 	case FLOW_FRAG_UNKNOWN:
 		if (in_service_cidr(f.daddr))
 			return drop(skb, CTR_DROP_FRAGMENT);
-		return deliver(skb);
+		return deliver(skb, 0);
 	default:
 		return drop(skb, CTR_DROP_MALFORMED);
 	}
@@ -88,7 +167,7 @@ static __always_inline int route_ipv4(struct __sk_buff *skb, struct headers *h)
 			sk.proto = f.proto;
 			svc = bpf_map_lookup_elem(&services, &sk);
 			if (svc)
-				r = lb_forward(skb, &f, svc);
+				r = lb_forward(skb, &f, svc, 0);	/* pod sources route back by themselves */
 		}
 	}
 
@@ -101,7 +180,7 @@ static __always_inline int route_ipv4(struct __sk_buff *skb, struct headers *h)
 	case LB_NAT_FAILED:
 		return drop(skb, CTR_DROP_NAT_FAILED);
 	default:
-		return deliver(skb);
+		return deliver(skb, r == LB_TRANSLATED);
 	}
 }
 

@@ -64,6 +64,8 @@ struct config {
 	__u32 vni;			/* VXLAN network identifier, host order (flannel: 1) */
 	__u8  vtep_mac[ETH_ALEN_];	/* this node's overlay device MAC: inner source MAC */
 	__u16 pad;
+	__be32 snat_ip;			/* this node's overlay address (subnet .0): the source of
+					 * NodePort traffic sent to a backend on another node */
 };
 
 /* tunnels (LPM trie): remote pod subnet -> the node that owns it (from its subnet lease). */
@@ -131,6 +133,7 @@ struct ct_key {
 #define CT_F_CLOSING 1			/* FIN or RST seen: the flow may be replaced by a new SYN */
 #define CT_F_HAIRPIN 2			/* client and backend are the same pod: source rewritten too */
 #define CT_F_SEEN_REPLY 4		/* the backend answered */
+#define CT_F_SNAT 8			/* from outside to a remote backend: source is this node */
 
 struct ct_entry {
 	__u64 created_ns;		/* bpf_ktime_get_ns (CLOCK_MONOTONIC) */

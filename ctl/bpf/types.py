@@ -38,7 +38,7 @@ class CtDir(enum.IntEnum):
     CT_REPLY = 1
 
 
-CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY = 1, 2, 4
+CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT = 1, 2, 4, 8
 
 
 IPV4, MAC, BE16 = "ipv4", "mac", "be16"
@@ -112,8 +112,8 @@ class Counter(Mirror):
 class Config(Mirror):
     _fields_ = [("service_net", ct.c_uint32), ("service_mask", ct.c_uint32), ("flags", ct.c_uint32),
                 ("overlay_ifindex", ct.c_uint32), ("vni", ct.c_uint32), ("vtep_mac", ct.c_uint8 * 6),
-                ("pad", ct.c_uint16)]
-    _format_ = {"service_net": IPV4, "service_mask": IPV4, "vtep_mac": MAC}
+                ("pad", ct.c_uint16), ("snat_ip", ct.c_uint32)]
+    _format_ = {"service_net": IPV4, "service_mask": IPV4, "vtep_mac": MAC, "snat_ip": IPV4}
 
 
 class TunnelKey(Mirror):

@@ -1,0 +1,107 @@
+"""Port forwarding: publish a pod port on a node port (Docker -p / -P, Kubernetes hostPort).
+
+Validation reads this node's kernel (its addresses, ephemeral range, reserved ports and
+bound sockets), so `forward add` runs on the node, like `pod add`. A (node, protocol,
+port) is claimed with its own key, so it is forwarded at most once.
+"""
+from __future__ import annotations
+
+import structlog
+
+from . import hostports, pods as podlib
+from .errors import AtomnetError
+from .model import (FORWARDS_PREFIX, HOSTPORTS_PREFIX, PODS_PREFIX, PROTOCOLS, Forward, Pod, ValidationError,
+                    forward_id)
+from .services import reserve_ids
+from .store import Store
+
+log = structlog.get_logger("atomnet.forwards")
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    pod, sep, port = text.rpartition(":")
+    if not sep or not pod:
+        raise ValidationError(f"invalid target {text!r}: use POD:PORT")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValidationError(f"invalid pod port {port!r}: must be 1-65535") from None
+    if not 1 <= p <= 65535:
+        raise ValidationError(f"invalid pod port {p}: must be 1-65535")
+    return pod, p
+
+
+def list_forwards(store: Store, node: str | None = None) -> list[Forward]:
+    kvs, _ = store.list(FORWARDS_PREFIX)
+    out = [Forward.from_json(kv.value) for kv in kvs]
+    return [f for f in out if node is None or f.node == node]
+
+
+def _claim_key(node: str, proto: str, port: int) -> str:
+    return f"{HOSTPORTS_PREFIX}{node}/{proto}/{port}"
+
+
+def _pick_port(store: Store, node: str, proto: str, host_ip: str) -> int:
+    """Like Docker's -P: the lowest port of the kernel's ephemeral range that is not
+    reserved, not forwarded already and not bound by a host socket."""
+    lo, hi = hostports.ephemeral_range()
+    reserved = hostports.reserved_ports()
+    bound = {p for addr, p, _ in hostports.bound_sockets(proto) if addr in (host_ip, "0.0.0.0", "::")}
+    taken = {int(kv.key.rsplit("/", 1)[1]) for kv in store.list(f"{HOSTPORTS_PREFIX}{node}/{proto}/")[0]}
+    for port in range(lo, hi + 1):
+        if port in reserved or port in bound or port in taken:
+            continue
+        if store.create(_claim_key(node, proto, port), forward_id(node, proto, port)):
+            return port
+    raise AtomnetError(f"no free {proto} port left in the ephemeral range {lo}-{hi}")
+
+
+def add_forward(store: Store, node_name: str, target: str, host_port: str | None, host_ip: str | None,
+                proto: str) -> Forward:
+    proto = proto.lower()
+    if proto not in PROTOCOLS:
+        raise ValidationError(f"unknown protocol {proto!r}: use tcp or udp")
+    pod_name, pod_port = parse_target(target)
+    kv = store.get(PODS_PREFIX + pod_name)
+    if kv is None:
+        raise AtomnetError(f"pod {pod_name} does not exist")
+    Pod.from_json(kv.value)
+    node = podlib.local_node(store, node_name)
+    host_ip = host_ip or node.public_ip
+    if host_ip not in hostports.node_addresses():
+        raise AtomnetError(f"host IP {host_ip} is not an address of node {node_name}")
+    if host_port in (None, "auto"):
+        port = _pick_port(store, node_name, proto, host_ip)
+    else:
+        try:
+            port = int(host_port)
+        except ValueError:
+            raise ValidationError(f"invalid host port {host_port!r}: a number 1-65535 or auto") from None
+        if not 1 <= port <= 65535:
+            raise ValidationError(f"invalid host port {port}: must be 1-65535")
+        bound, who = hostports.bound_by(proto, host_ip, port)
+        if bound:
+            raise AtomnetError(f"host port {port}/{proto} is already bound on this node" + (f" by {who}" if who else ""))
+        if not store.create(_claim_key(node_name, proto, port), forward_id(node_name, proto, port)):
+            raise AtomnetError(f"host port {port}/{proto} is already forwarded on node {node_name} "
+                               f"(forward {forward_id(node_name, proto, port)})")
+    try:
+        fwd = Forward(id=forward_id(node_name, proto, port), node=node_name, host_ip=host_ip, host_port=port,
+                      proto=proto, pod=pod_name, port=pod_port, service_id=reserve_ids(store, 1)[0])
+        if not store.create(FORWARDS_PREFIX + fwd.id, fwd.to_json()):
+            raise AtomnetError(f"forward {fwd.id} already exists")
+    except BaseException:
+        store.delete(_claim_key(node_name, proto, port))
+        raise
+    log.info("forward_added", id=fwd.id, host=f"{host_ip}:{port}/{proto}", pod=f"{pod_name}:{pod_port}")
+    return fwd
+
+
+def delete_forward(store: Store, forward: str) -> Forward | None:
+    kv = store.get(FORWARDS_PREFIX + forward)
+    if kv is None:
+        return None
+    fwd = Forward.from_json(kv.value)
+    store.put_many([], deletes=[FORWARDS_PREFIX + fwd.id, _claim_key(fwd.node, fwd.proto, fwd.host_port)])
+    log.info("forward_deleted", id=fwd.id)
+    return fwd
