@@ -44,7 +44,7 @@ build: setup $(BPF_OBJS)
 $(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
 	@command -v $(CLANG) >/dev/null || { echo "clang not found: apt-get install clang llvm" >&2; exit 1; }
 	@mkdir -p $(OBJDIR)
-	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+	$(CLANG) $(BPF_CFLAGS) $(EXTRA_BPF_CFLAGS) -c $< -o $@
 
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/prog tests/e2e

@@ -339,12 +339,10 @@ def _daemon(args) -> int:
     from . import logs
     from .daemon import Daemon
     logs.configure(args.log_format, args.log_level)
-    if args.metrics:
-        raise AtomnetError("--metrics is not available yet in this version")
     if os.geteuid() != 0:
         raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
     kwargs = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("renew_margin", args.lease_renew_margin)) if v}
-    Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, **kwargs).run()
+    Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, metrics=args.metrics, **kwargs).run()
     return 0
 
 

@@ -23,6 +23,7 @@ from .bpf.loader import Loader, close_loaded, ensure_bpffs
 from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
 from .desired import Overlay, compute
 from .errors import AtomnetError
+from .metrics import Metrics
 from .reconcile import apply
 from .model import ValidationError
 from .store import Compacted, Store, StoreError, open_store
@@ -38,7 +39,7 @@ RETRY_MAX_SECONDS = 30.0
 class Daemon:
     def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
                  public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
-                 renew_margin: float = LEASE_RENEW_MARGIN):
+                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None):
         self.store_url = store_url
         self.store: Store | None = None
         self.node_name = node_name
@@ -52,10 +53,16 @@ class Daemon:
         self.lease_id = 0
         self.lease_deadline = 0.0
         self.stopping = False
+        self.reload_requested = False
+        self.metrics_address = metrics
+        self.metrics = Metrics()
 
     def start(self) -> None:
         if os.geteuid() != 0:
             raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
+        if self.metrics_address:   # first: a taken address is a start-up error, not a late surprise
+            self.metrics.serve(self.metrics_address, self.snapshot)
+            log.info("metrics_serving", address=self.metrics_address)
         ensure_bpffs(str(self.loader.root))
         # etcd may come up after us (retry); a bad URL or an unreadable sqlite file will not heal.
         self.store = (self.retry("store_open", lambda: open_store(self.store_url))
@@ -98,7 +105,26 @@ class Daemon:
                                           self.node.pod_mtu, self.node.subnet, self.network.network)
         self.overlay = Overlay(ifindex, self.network.vni, self.node.vtep_mac, self.node.subnet)
 
+    def snapshot(self) -> dict:
+        """What the metrics endpoint reports, read from the pinned maps at scrape time."""
+        from . import inspect
+        out: dict = {}
+        try:
+            out["counters"] = inspect.counters(self.loader)
+            out["maps"] = inspect.map_list(self.loader)
+            names = {p.id: s.name for s in svclib.list_services(self.store) for p in s.ports}
+            names.update({f.service_id: f"forward:{f.id}" for f in fwdlib.list_forwards(self.store)})
+            out["services"] = inspect.lb_list(self.loader, names)
+            out["lease"] = {"subnet": self.node.subnet, "remaining": self.store.lease_ttl(self.lease_id)}
+        except AtomnetError as exc:   # before the first pin, or the store away: report what there is
+            log.debug("metrics_partial", error=str(exc))
+        return out
+
     def reconcile(self, force_attach: bool = False) -> None:
+        with self.metrics.time_reconcile():
+            self._reconcile(force_attach)
+
+    def _reconcile(self, force_attach: bool = False) -> None:
         started = time.monotonic()
         links = netplumb.link_table()
         netdevs = [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
@@ -145,6 +171,7 @@ class Daemon:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
         self.start()
         revision = self.store.revision() + 1
         while not self.stopping:
@@ -162,11 +189,20 @@ class Daemon:
                     self._last_resync = time.monotonic()
                     self.reconcile()
                 self.renew_lease_if_due()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.setup_overlay()   # network config (VNI, port) re-read from the store
+                    self.reconcile(force_attach=True)
+                    log.info("reloaded")
             except AtomnetError as exc:
                 log.error("reconcile_failed", error=str(exc))
                 time.sleep(1)
         self.close()
         log.info("daemon_stopped", note="programs stay attached, maps stay pinned")
+
+    def _reload(self, signum, _frame):
+        log.info("signal", signal="SIGHUP")
+        self.reload_requested = True
 
     def _stop(self, signum, _frame):
         log.info("signal", signal=signal.Signals(signum).name)

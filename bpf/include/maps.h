@@ -15,7 +15,9 @@
 #define MAX_ENDPOINTS 65536
 #define MAX_SERVICE_PORTS 65536
 #define MAX_BACKENDS 262144
+#ifndef MAX_CONNTRACK		/* overridable: the upgrade test builds a larger table */
 #define MAX_CONNTRACK 262144
+#endif
 #define MAX_AFFINITY 65536
 #define MAX_FRAGMENTS 8192
 #define MAX_NODES 16384

@@ -21,7 +21,7 @@ import structlog
 
 from . import syscalls as sc
 from .elf import BpfObject, MapDef, patch_map_fds
-from .maps import Map, mirror
+from .maps import Map, copy_entries, mirror
 from ..errors import AtomnetError
 
 log = structlog.get_logger("atomnet.loader")
@@ -101,6 +101,7 @@ class Loaded:
     maps: dict[str, Map] = field(default_factory=dict)
     programs: dict[str, int] = field(default_factory=dict)   # name -> prog fd
     unpinned: list[str] = field(default_factory=list)          # maps created anew, pinned by commit()
+    migrating: dict[str, Map] = field(default_factory=dict)    # name -> the pinned map being replaced
 
 
 class Loader:
@@ -126,12 +127,19 @@ class Loader:
                     continue
                 log.warning("map_definition_changed", map=d.name, pinned_id=m.id,
                             pinned_max_entries=m.info.max_entries, wanted_max_entries=d.max_entries)
-                m.close()
+                if (m.info.type, m.info.key_size, m.info.value_size) == (d.type, d.key_size, d.value_size):
+                    loaded.migrating[d.name] = m   # same entries, other size or flags: carried over
+                else:
+                    m.close()                      # another layout: the daemon refills what it owns
             fd = create_map(d)
             loaded.maps[d.name] = Map(fd, mirror(d.key_type, d.key_size), mirror(d.value_type, d.value_size), d.name)
             if d.pinned:
                 loaded.unpinned.append(d.name)
             log.info("map_created", map=d.name, id=loaded.maps[d.name].id, max_entries=d.max_entries)
+            if d.name in loaded.migrating:
+                copied = copy_entries(loaded.migrating[d.name], loaded.maps[d.name])
+                log.info("map_migrated", map=d.name, entries=copied, from_id=loaded.migrating[d.name].id,
+                         to_id=loaded.maps[d.name].id)
 
     def load(self, names=OBJECT_NAMES) -> Loaded:
         """Opens or creates every map, then loads every program against them (not attached, not pinned)."""
@@ -152,7 +160,14 @@ class Loader:
         return loaded
 
     def commit(self, loaded: Loaded) -> None:
-        """After the programs are attached: pin new maps (replacing stale pins) and the programs."""
+        """After the programs are attached: pin new maps (replacing stale pins) and the programs.
+        A migrated map first takes what the old programs added since the first copy (they
+        kept running until the attach), without overwriting what the new ones wrote."""
+        for name, old in loaded.migrating.items():
+            late = copy_entries(old, loaded.maps[name], only_missing=True)
+            log.info("map_migration_finished", map=name, late_entries=late)
+            old.close()
+        loaded.migrating.clear()
         for name in loaded.unpinned:
             _replace_pin(self.map_pin(name), loaded.maps[name].fd)
         loaded.unpinned.clear()
@@ -174,7 +189,7 @@ def _replace_pin(path: Path, fd: int) -> None:
 
 
 def close_loaded(loaded: Loaded) -> None:
-    for m in loaded.maps.values():
+    for m in [*loaded.maps.values(), *loaded.migrating.values()]:
         m.close()
     for fd in loaded.programs.values():
         sc.close(fd)

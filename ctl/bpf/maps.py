@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 from functools import cache
 from typing import Iterator
 
@@ -104,3 +105,28 @@ class Map:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def copy_entries(src: Map, dst: Map, only_missing: bool = False) -> int:
+    """Copies every entry of src into dst (a map being replaced by one with another
+    definition, e.g. more entries): raw values, so per-CPU maps keep each CPU's value and
+    map-in-map entries keep pointing at the same inner maps. Entries that do not fit the
+    new map are skipped. Returns how many were copied."""
+    copied = 0
+    flags = sc.BPF_NOEXIST if only_missing else sc.BPF_ANY
+    in_map = src.info.type in sc.MAP_IN_MAP_TYPES
+    for key in list(src.keys()):
+        value = ct.c_uint32() if in_map else src._value_buffer()
+        if not sc.lookup(src.fd, key, value):
+            continue
+        inner = sc.map_fd_by_id(value.value) if in_map else None
+        try:
+            sc.update(dst.fd, key, ct.c_uint32(inner) if in_map else value, flags)
+            copied += 1
+        except sc.BpfError as exc:
+            if exc.errno not in (errno.EEXIST, errno.E2BIG, errno.ENOSPC):
+                raise
+        finally:
+            if inner is not None:
+                sc.close(inner)
+    return copied

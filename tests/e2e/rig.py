@@ -53,10 +53,10 @@ class Node:
     def exec(self, *cmd, check=True, timeout=30) -> subprocess.CompletedProcess:
         return sh(*self.nsenter, *cmd, check=check, timeout=timeout, env=self.env())
 
-    def start_daemon(self, *extra, wait: bool = True) -> None:
+    def start_daemon(self, *extra, wait: bool = True, env: dict | None = None) -> None:
         log = open(self.log_path, "a")
         ready = self.log_count("dataplane_ready") + 1
-        self.daemon = subprocess.Popen(self.nsenter + ATOMNET + ["daemon", *extra], env=self.env(),
+        self.daemon = subprocess.Popen(self.nsenter + ATOMNET + ["daemon", *extra], env={**self.env(), **(env or {})},
                                        stdout=log, stderr=log, cwd=REPO)
         if wait:
             self.wait_log("dataplane_ready", occurrences=ready)

@@ -34,9 +34,10 @@ def test_ids_agree_with_bpftool(rig, node):
         assert (tool["id"], tool["type"], tool["bytes_key"], tool["bytes_value"], tool["max_entries"]) == (
             m["id"], m["type"], m["key_size"], m["value_size"], m["max_entries"])
     ids = {p["name"]: p["id"] for p in progs}
-    assert set(ids) == {"from_pod", "from_overlay", "to_overlay"}
+    assert set(ids) == {"from_pod", "from_overlay", "to_overlay", "from_netdev"}
     attached = [f for f in node.atomnet_json("net", "show") if f["atomnet"]]
-    assert {f["name"] for f in attached} == {"atomnet:from_pod", "atomnet:from_overlay", "atomnet:to_overlay"}
+    assert {f["name"] for f in attached} == {f"atomnet:{n}" for n in ids}
+    assert {f["ifname"] for f in attached if f["name"] == "atomnet:from_netdev"} == {"uplink0", "lo"}
     assert all(f["prog_id"] == ids[f["name"].removeprefix("atomnet:")] and f["direct_action"] for f in attached)
     dumped = node.atomnet_json("map", "dump", "endpoints")
     assert dumped and all("." in e["key"]["ip"] and ":" in e["value"]["mac"] for e in dumped)

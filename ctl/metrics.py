@@ -1,0 +1,85 @@
+"""Prometheus metrics for the daemon (prometheus-client). Dataplane numbers are read from
+the maps at scrape time by a custom collector, so a scrape always sees the kernel's
+current values and the daemon keeps no copies of them."""
+from __future__ import annotations
+
+import errno
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .errors import AtomnetError
+
+RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
+
+
+class DataplaneCollector:
+    """Reads the pinned maps of this node on every scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot   # -> {"counters": [...], "maps": [...], "services": [...], "lease": {...}}
+
+    def collect(self):
+        snap = self.snapshot()
+        packets = CounterMetricFamily("atomnet_dataplane_packets", "Packets by dataplane outcome", labels=["outcome"])
+        nbytes = CounterMetricFamily("atomnet_dataplane_bytes", "Bytes by dataplane outcome", labels=["outcome"])
+        drops = CounterMetricFamily("atomnet_drops", "Packets dropped by the dataplane, by reason", labels=["reason"])
+        for row in snap.get("counters", []):
+            packets.add_metric([row["counter"]], row["packets"])
+            nbytes.add_metric([row["counter"]], row["bytes"])
+            if row["counter"].startswith("drop_"):
+                drops.add_metric([row["counter"].removeprefix("drop_")], row["packets"])
+        yield from (packets, nbytes, drops)
+
+        entries = GaugeMetricFamily("atomnet_map_entries", "Entries in each pinned map", labels=["map"])
+        capacity = GaugeMetricFamily("atomnet_map_capacity", "max_entries of each pinned map", labels=["map"])
+        for m in snap.get("maps", []):
+            if m["entries"] is not None:
+                entries.add_metric([m["name"]], m["entries"])
+            capacity.add_metric([m["name"]], m["max_entries"])
+        yield from (entries, capacity)
+
+        svc_packets = CounterMetricFamily("atomnet_service_packets", "Packets to each service frontend",
+                                          labels=["service", "frontend"])
+        svc_bytes = CounterMetricFamily("atomnet_service_bytes", "Bytes to each service frontend",
+                                        labels=["service", "frontend"])
+        for s in snap.get("services", []):
+            labels = [s["service"] or str(s["id"]), s["frontend"]]
+            svc_packets.add_metric(labels, s["packets"])
+            svc_bytes.add_metric(labels, s["bytes"])
+        yield from (svc_packets, svc_bytes)
+
+        lease = snap.get("lease") or {}
+        ttl = GaugeMetricFamily("atomnet_subnet_lease_remaining_seconds",
+                                "Seconds until this node's subnet lease expires", labels=["subnet"])
+        held = GaugeMetricFamily("atomnet_subnet_lease_held", "1 while this node holds its subnet lease",
+                                 labels=["subnet"])
+        if lease:
+            held.add_metric([lease["subnet"]], 1 if lease["remaining"] else 0)
+            ttl.add_metric([lease["subnet"]], lease["remaining"] or 0)
+        yield from (ttl, held)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.reconcile_seconds = Histogram("atomnet_reconcile_duration_seconds", "Time one reconcile took",
+                                           buckets=RECONCILE_BUCKETS, registry=self.registry)
+
+    def serve(self, address: str, snapshot: Callable[[], dict]) -> None:
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise AtomnetError(f"invalid metrics address {address!r}: use HOST:PORT, e.g. 127.0.0.1:9641")
+        self.registry.register(DataplaneCollector(snapshot))
+        try:
+            start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AtomnetError(f"metrics address {address} is already in use") from None
+            raise AtomnetError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+
+    def time_reconcile(self):
+        return self.reconcile_seconds.time()
+
+

@@ -1,0 +1,124 @@
+"""Operations: restart and upgrade without disruption, Prometheus metrics."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.rig import REPO, in_pod, spawn_in_pod
+from tests.e2e.servers import http_load, nginx
+
+
+def wait_service(node, name: str, backends: int, timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = [r for r in node.atomnet_json("lb", "list") if r["service"] == name]
+        if rows and len(rows[0]["backends"]) == backends:
+            return rows[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{name} not programmed with {backends} backends")
+
+
+@pytest.fixture
+def served(rig, node):
+    backends = [node.add_pod(f"b{i}", "--label", "app=op") for i in range(2)]
+    client = node.add_pod("cl")
+    for p in backends:
+        node.wait_endpoint(p["ip"])
+        nginx(rig, p["name"])
+    node.wait_endpoint(client["ip"])
+    svc = node.atomnet_json("service", "add", f"op{rig.uid}", "--port", "80:8080", "--selector", "app=op")
+    wait_service(node, svc["name"], 2)
+    return svc, client, backends
+
+
+def test_sigkill_and_restart_under_load_fails_no_request(rig, node, served):
+    svc, client, _ = served
+    load = http_load(client["name"], svc["vip"], 80, seconds=12, max_requests=10**7)
+    for _ in range(2):
+        time.sleep(3)
+        node.stop_daemon(signal.SIGKILL)
+        node.start_daemon()
+    out, err = load.communicate(timeout=60)
+    result = json.loads(out)
+    assert result["ok"] > 500
+    assert result["failed"] == 0, result["errors"]
+    print(f"restart under load: {result['ok']} requests, {result['failed']} failed")
+
+
+def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node, served, tmp_path):
+    svc, client, backends = served
+    # The "new version": the same programs built with a conntrack table twice as large.
+    objdir = tmp_path / "objects-v2"
+    subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={objdir}", "EXTRA_BPF_CFLAGS=-DMAX_CONNTRACK=524288",
+                    *[f"{objdir}/{n}.o" for n in ("from_pod", "from_overlay", "to_overlay", "from_netdev")]],
+                   check=True, capture_output=True)
+    iperf_srv = backends[0]
+    rig.spawn(spawn_in_pod(iperf_srv["name"], "iperf3", "-s", "-1", "-p", "5301"))
+    node.atomnet("service", "add", f"ip{rig.uid}", "--port", "5301", "--backend", iperf_srv["name"])
+    wait_service(node, f"ip{rig.uid}", 1)
+    vip = node.atomnet_json("service", "show", f"ip{rig.uid}")["vip"]
+    time.sleep(0.3)
+    stream = rig.spawn(spawn_in_pod(client["name"], "iperf3", "-c", vip, "-p", "5301", "-t", "8", "-J"))
+    time.sleep(2)
+    before = {m["name"]: m for m in node.atomnet_json("map", "list")}
+    assert before["conntrack"]["max_entries"] == 262144
+    flows_before = {(f["src"], f["dst"], f["dir"]) for f in node.atomnet_json("ct", "list")}
+    node.stop_daemon()
+    node.start_daemon(env={"ATOMNET_BPF_OBJECTS": str(objdir)})
+    after = {m["name"]: m for m in node.atomnet_json("map", "list")}
+    assert after["conntrack"]["max_entries"] == 524288 and after["conntrack"]["id"] != before["conntrack"]["id"]
+    assert after["endpoints"]["id"] == before["endpoints"]["id"], "unchanged maps are reused"
+    flows_after = {(f["src"], f["dst"], f["dir"]) for f in node.atomnet_json("ct", "list")}
+    assert flows_before <= flows_after, "established flows carried into the new table"
+    out, err = stream.communicate(timeout=40)
+    assert stream.returncode == 0, err
+    result = json.loads(out)
+    assert all(i["sum"]["bytes"] > 0 for i in result["intervals"]), "no stall across the upgrade"
+    assert "map_migrated" in node.log_path.read_text()
+    print(f"upgrade: stream survived, {result['end']['sum_received']['bytes'] / 1e9:.2f} GB moved")
+
+
+def scrape(node, port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = node.exec("curl", "-s", "--max-time", "3", f"http://127.0.0.1:{port}/metrics").stdout
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_scrape_parse_and_move_with_traffic(rig):
+    node = rig.add_node("n1")
+    port = 19641
+    node.start_daemon("--metrics", f"127.0.0.1:{port}")
+    a, b = node.add_pod("a"), node.add_pod("b")
+    node.wait_endpoint(b["ip"])
+    first = scrape(node, port)
+    names = {name for name, _ in first}
+    for expected in ("atomnet_reconcile_duration_seconds_count", "atomnet_map_entries", "atomnet_map_capacity",
+                     "atomnet_drops_total", "atomnet_dataplane_packets_total", "atomnet_subnet_lease_remaining_seconds"):
+        assert expected in names, expected
+    assert all(n.startswith("atomnet_") or n.startswith(("python_", "process_")) for n in names)
+    key = ("atomnet_dataplane_packets_total", (("outcome", "fwd_local"),))
+    in_pod(a["name"], "ping", "-c3", "-i", "0.2", b["ip"])
+    second = scrape(node, port)
+    assert second[key] >= first.get(key, 0) + 6, "pod-to-pod packets show up in the metric"
+    assert second[("atomnet_map_entries", (("map", "endpoints"),))] == 2
+
+
+def test_metrics_address_in_use_is_one_line(rig):
+    node = rig.add_node("n1")
+    holder = subprocess.Popen(node.nsenter + ["socat", "TCP-LISTEN:19642,bind=127.0.0.1,reuseaddr", "-"],
+                              stdin=subprocess.PIPE)
+    rig.spawn(holder)
+    time.sleep(0.3)
+    res = node.atomnet("daemon", "--metrics", "127.0.0.1:19642", check=False, timeout=20)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == "atomnet: metrics address 127.0.0.1:19642 is already in use"
+
+
