@@ -58,6 +58,8 @@ def build_parser() -> Parser:
     d.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
     d.add_argument("--log-format", choices=["json", "console"], default="json")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    d.add_argument("--debug-events", action="store_true",
+                   help="programs also report every translation decision to `atomnet monitor`")
     d.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
                    help="subnet lease TTL (flannel: 86400)")
     d.add_argument("--lease-renew-margin", type=float, default=None, metavar="SECONDS",
@@ -113,6 +115,13 @@ def build_parser() -> Parser:
     verb(verbs, "stats", "dataplane counters: deliveries and drops by reason, per-service traffic")
     lb = verbs.add_parser("lb", help="load balancer").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(lb, "list", "service frontends -> backends, with per-backend counters")
+    exp = verb(verbs, "explain", "run the real program on a synthetic packet from a pod (changes nothing)")
+    exp.add_argument("--from", dest="from_pod", required=True, metavar="POD")
+    exp.add_argument("--to", required=True, metavar="IP:PORT[/tcp|udp]")
+    exp.add_argument("--sport", type=int, help="source port of the synthetic packet (default: random)")
+    mon = verb(verbs, "monitor", "live dataplane events: drops with their reason, translations (debug)")
+    mon.add_argument("--count", type=int, help="stop after N events")
+    mon.add_argument("--duration", type=float, help="stop after SECONDS")
     tun = verbs.add_parser("tunnel", help="overlay").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(tun, "list", "remote subnets reached through the VXLAN overlay")
     ctv = verbs.add_parser("ct", help="conntrack").add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -209,6 +218,26 @@ def run(args) -> int:
             rows = [{**r, "backends": [f"{b['ip']}:{b['port']}({b['packets']}p)" for b in r["backends"]]} for r in rows]
         emit(rows, args.json, ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"],
              "no services")
+    elif verb[0] == "explain":
+        from .explain import explain
+        from .pods import get_pod
+        with _store(args) as store:
+            pod = get_pod(store, args.from_pod)
+        if pod is None:
+            raise AtomnetError(f"pod {args.from_pod} not found")
+        result = explain(_loader(args), pod, args.to, args.sport)
+        if args.json:
+            emit(result, True)
+        else:
+            _print_explain(result)
+    elif verb[0] == "monitor":
+        from . import netplumb
+        from .monitor import run_monitor
+        ifnames = {info.ifindex: name for name, info in netplumb.link_table().items()}
+        if not args.json:
+            print("monitoring dataplane events (Ctrl-C stops; translations appear when the daemon runs with "
+                  "--debug-events)", file=sys.stderr)
+        run_monitor(_loader(args), args.json, sys.stdout, sys.stderr, args.count, args.duration, ifnames)
     elif verb == ("tunnel", "list"):
         from .cluster import list_leases
         from .inspect import tunnel_list
@@ -232,6 +261,23 @@ def run(args) -> int:
                   "bytes": r["bytes"]} for r in lb_list(loader, _service_port_names(args))]
         emit(rows, args.json)
     return 0
+
+
+def _print_explain(r: dict) -> None:
+    print(f"packet:   {r['packet']} from pod {r['from']}")
+    print(f"verdict:  {r['verdict']}" + (f" ({r['reason']})" if r.get("reason") else ""))
+    for key in ("backend", "delivered_to", "reply"):
+        if r.get(key):
+            print(f"{key.replace('_', ' ')}:".ljust(10) + str(r[key]))
+    if r.get("tunnel"):
+        t = r["tunnel"]
+        print(f"tunnel:   {t['subnet']} via node {t['node_ip']} (VtepMAC {t['vtep_mac']})")
+    for w in r["rewrites"]:
+        print(f"rewrite:  {w['field']} {w['from']} -> {w['to']}")
+    print("counters: " + (", ".join(f"{k}={v}" for k, v in r["counters"].items()) or "-"))
+    print(f"program:  from_pod tag {r['program_tag']}"
+          + ("" if r["same_as_attached"] is None else " (the attached one)" if r["same_as_attached"]
+             else " (differs from the attached one: run the daemon of this version)"))
 
 
 def _service_port_names(args) -> dict[int, str]:
@@ -342,7 +388,8 @@ def _daemon(args) -> int:
     if os.geteuid() != 0:
         raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
     kwargs = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("renew_margin", args.lease_renew_margin)) if v}
-    Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, metrics=args.metrics, **kwargs).run()
+    Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, metrics=args.metrics,
+           debug_events=args.debug_events, **kwargs).run()
     return 0
 
 

@@ -39,7 +39,7 @@ RETRY_MAX_SECONDS = 30.0
 class Daemon:
     def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
                  public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
-                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None):
+                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None, debug_events: bool = False):
         self.store_url = store_url
         self.store: Store | None = None
         self.node_name = node_name
@@ -55,6 +55,7 @@ class Daemon:
         self.stopping = False
         self.reload_requested = False
         self.metrics_address = metrics
+        self.debug_events = debug_events
         self.metrics = Metrics()
 
     def start(self) -> None:
@@ -132,7 +133,7 @@ class Daemon:
                           svclib.list_services(self.store), load_cluster_config(self.store),
                           leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay,
                           forwards=fwdlib.list_forwards(self.store, self.node_name), node_ip=self.node.public_ip,
-                          netdevs=netdevs)
+                          netdevs=netdevs, debug_events=self.debug_events)
         for name in desired.missing_links:
             log.warning("pod_link_missing", pod=name)
         diffs = apply(self.loaded.maps, desired)

@@ -10,6 +10,7 @@ import ipaddress
 import zlib
 from dataclasses import dataclass, field
 
+from .bpf.types import CFG_F_DEBUG_EVENTS
 from .model import PROTOCOLS, ClusterConfig, Forward, Lease, Pod, Service, resolve_backends
 
 Frozen = tuple  # tuple of (field, value) pairs, sorted by field
@@ -68,12 +69,13 @@ def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
 def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: list[Service] = (),
             cluster: ClusterConfig | None = None, table_size_for=None, leases: list[Lease] = (),
             overlay: Overlay | None = None, forwards: list[Forward] = (), node_ip: str | None = None,
-            netdevs: list[int] = ()) -> Desired:
+            netdevs: list[int] = (), debug_events: bool = False) -> Desired:
     out = Desired()
     cluster = cluster or ClusterConfig()
     net = ipaddress.IPv4Network(cluster.service_cidr)
     out.maps["config"][freeze({"value": 0})] = freeze({
-        "service_net": str(net.network_address), "service_mask": str(net.netmask), "flags": 0,
+        "service_net": str(net.network_address), "service_mask": str(net.netmask),
+        "flags": CFG_F_DEBUG_EVENTS if debug_events else 0,
         "overlay_ifindex": overlay.ifindex if overlay else 0, "vni": overlay.vni if overlay else 0,
         "vtep_mac": overlay.vtep_mac if overlay else "00:00:00:00:00:00",
         "snat_ip": str(ipaddress.IPv4Network(overlay.subnet).network_address) if overlay else "0.0.0.0"})

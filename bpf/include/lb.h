@@ -43,6 +43,30 @@ static __always_inline __u32 flow_hash(const struct flow *f)
 	return mix32(h ^ f->proto);
 }
 
+static __always_inline void trace_translation(struct __sk_buff *skb, const struct flow *f, __u32 service_id,
+						const struct backend_addr *be)
+{
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct event ev = {};
+
+	if (!cfg || !(cfg->flags & CFG_F_DEBUG_EVENTS))
+		return;
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.ifindex = skb->ifindex;
+	ev.len = skb->len;
+	ev.type = EV_TRANSLATE;
+	ev.proto = f->proto;
+	ev.saddr = f->saddr;
+	ev.daddr = f->daddr;
+	ev.sport = f->sport;
+	ev.dport = f->dport;
+	ev.nat_ip = be->ip;
+	ev.nat_port = be->port;
+	ev.service_id = service_id;
+	bpf_perf_event_output(skb, &events, BPF_F_CURRENT_CPU, &ev, sizeof(ev));
+}
+
 static __always_inline int backend_alive(__u32 service_id, __be32 ip, __be16 port)
 {
 	struct backend_key k = { .service_id = service_id, .ip = ip, .port = port };
@@ -161,6 +185,7 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 		    bpf_map_update_elem(&conntrack, &fk, &fwd, BPF_ANY) < 0)
 			return LB_NAT_FAILED;
 		count(skb, CTR_LB_NEW_FLOW);
+		trace_translation(skb, f, svc->id, &be);
 	}
 	backend_count(svc->id, &be, skb->len);
 	if (snat && nat_rewrite(skb, f, NAT_SRC, snat, f->sport) < 0)

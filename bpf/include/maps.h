@@ -67,6 +67,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tunnels SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 0);		/* 0: one slot per possible CPU (set by the loader, as libbpf does) */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
 struct maglev_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);

@@ -174,4 +174,31 @@ struct frag_ports {
 	__be16 dport;
 };
 
+/* events (perf event array): what `atomnet monitor` prints. Drops always; translation
+ * decisions only while config.flags has CFG_F_DEBUG_EVENTS. */
+#define CFG_F_DEBUG_EVENTS 1
+
+enum event_type {
+	EV_DROP = 1,
+	EV_TRANSLATE = 2,
+};
+
+struct event {
+	__u64 ts_ns;			/* bpf_ktime_get_ns */
+	__u32 ifindex;			/* where the packet was seen */
+	__u8  type;			/* enum event_type */
+	__u8  reason;			/* enum counter_id: the drop reason */
+	__u8  proto;
+	__u8  pad;
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__be32 nat_ip;			/* translate: the chosen backend */
+	__be16 nat_port;
+	__u16 pad2;
+	__u32 len;
+	__u32 service_id;		/* translate: the service port; host order */
+};
+
 #endif

@@ -21,7 +21,7 @@ import structlog
 
 from . import syscalls as sc
 from .elf import BpfObject, MapDef, patch_map_fds
-from .maps import Map, copy_entries, mirror
+from .maps import Map, copy_entries, mirror, possible_cpus
 from ..errors import AtomnetError
 
 log = structlog.get_logger("atomnet.loader")
@@ -75,20 +75,33 @@ def ensure_bpffs(root: str) -> None:
         Path(root, sub).mkdir(parents=True, exist_ok=True)
 
 
-def create_map(d: MapDef, max_entries: int | None = None) -> int:
+def effective_max_entries(d: MapDef) -> int:
+    """libbpf's rule: a perf event array declared with 0 entries gets one per possible CPU."""
+    if d.type == sc.BPF_MAP_TYPE_PERF_EVENT_ARRAY and d.max_entries == 0:
+        return possible_cpus()
+    return d.max_entries
+
+
+def create_map(d: MapDef) -> int:
     """Creates a map from its definition; a map-in-map gets a throwaway inner template."""
     inner_fd = create_map(d.inner) if d.inner else None
     try:
-        return sc.create_map(d.type, d.name, d.key_size, d.value_size, max_entries or d.max_entries, d.flags,
+        return sc.create_map(d.type, d.name, d.key_size, d.value_size, effective_max_entries(d), d.flags,
                              inner_map_fd=inner_fd)
     finally:
         if inner_fd is not None:
             sc.close(inner_fd)
 
 
+def load_program(obj: BpfObject, name: str, map_fds: dict[str, int]) -> int:
+    """Loads one program of an object against the given map fds (by map name)."""
+    prog = obj.programs[name]
+    return sc.load_program(sc.BPF_PROG_TYPE_SCHED_CLS, prog.name, patch_map_fds(prog, map_fds), obj.license)
+
+
 def definition_matches(info: sc.BpfMapInfo, d: MapDef) -> bool:
     return (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags) == (
-        d.type, d.key_size, d.value_size, d.max_entries, d.flags)
+        d.type, d.key_size, d.value_size, effective_max_entries(d), d.flags)
 
 
 def open_map(path: Path, d: MapDef) -> Map:
@@ -126,7 +139,7 @@ class Loader:
                     log.debug("map_reused", map=d.name, id=m.id)
                     continue
                 log.warning("map_definition_changed", map=d.name, pinned_id=m.id,
-                            pinned_max_entries=m.info.max_entries, wanted_max_entries=d.max_entries)
+                            pinned_max_entries=m.info.max_entries, wanted_max_entries=effective_max_entries(d))
                 if (m.info.type, m.info.key_size, m.info.value_size) == (d.type, d.key_size, d.value_size):
                     loaded.migrating[d.name] = m   # same entries, other size or flags: carried over
                 else:
@@ -135,7 +148,7 @@ class Loader:
             loaded.maps[d.name] = Map(fd, mirror(d.key_type, d.key_size), mirror(d.value_type, d.value_size), d.name)
             if d.pinned:
                 loaded.unpinned.append(d.name)
-            log.info("map_created", map=d.name, id=loaded.maps[d.name].id, max_entries=d.max_entries)
+            log.info("map_created", map=d.name, id=loaded.maps[d.name].id, max_entries=effective_max_entries(d))
             if d.name in loaded.migrating:
                 copied = copy_entries(loaded.migrating[d.name], loaded.maps[d.name])
                 log.info("map_migrated", map=d.name, entries=copied, from_id=loaded.migrating[d.name].id,
@@ -150,8 +163,7 @@ class Loader:
                 self.ensure_maps(obj.maps, loaded)
                 fds = {m: loaded.maps[m].fd for m in obj.maps}
                 for prog in obj.programs.values():
-                    loaded.programs[prog.name] = sc.load_program(
-                        sc.BPF_PROG_TYPE_SCHED_CLS, prog.name, patch_map_fds(prog, fds), obj.license)
+                    loaded.programs[prog.name] = load_program(obj, prog.name, fds)
                     log.info("program_loaded", program=prog.name, id=sc.prog_info(loaded.programs[prog.name]).id)
                 obj.close()
         except Exception:

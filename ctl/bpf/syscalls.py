@@ -27,6 +27,7 @@ BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 BPF_F_NO_PREALLOC = 1
 BPF_F_INNER_MAP = 1 << 12
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 MAP_IN_MAP_TYPES = {12, 13}  # array_of_maps, hash_of_maps
 BPF_OBJ_NAME_LEN = 16
 
@@ -289,6 +290,32 @@ def test_run(prog_fd: int, packet: bytes, ctx: bytes | None = None, repeat: int 
     ct.set_errno(0)
     _check(_test_run(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
     return opts.retval, data_out.raw[: opts.data_size_out], opts.duration
+
+
+# Perf buffers: bcc's own reader (libbcc's declarations in bcc.libbcc are used as they are).
+RAW_CB = _libbcc._RAW_CB_TYPE
+LOST_CB = _libbcc._LOST_CB_TYPE
+
+
+def open_perf_buffer(raw_cb, lost_cb, cpu: int, page_cnt: int = 64) -> int:
+    """A perf ring for one CPU; returns bcc's reader pointer (its fd goes into the events map)."""
+    reader = lib.bpf_open_perf_buffer(raw_cb, lost_cb, None, -1, cpu, page_cnt)
+    if not reader:
+        raise BpfError(f"opening a perf buffer on CPU {cpu}", ct.get_errno() or errno.EINVAL)
+    return reader
+
+
+def perf_reader_fd(reader: int) -> int:
+    return lib.perf_reader_fd(reader)
+
+
+def perf_poll(readers: list[int], timeout_ms: int) -> int:
+    arr = (ct.c_void_p * len(readers))(*readers)
+    return lib.perf_reader_poll(len(readers), arr, timeout_ms)
+
+
+def perf_free(reader: int) -> None:
+    lib.perf_reader_free(reader)
 
 
 def close(fd: int) -> None:

@@ -39,6 +39,13 @@ class CtDir(enum.IntEnum):
 
 
 CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT = 1, 2, 4, 8
+CFG_F_DEBUG_EVENTS = 1
+
+
+class EventType(enum.IntEnum):
+    """enum event_type"""
+    EV_DROP = 1
+    EV_TRANSLATE = 2
 
 
 IPV4, MAC, BE16 = "ipv4", "mac", "be16"
@@ -179,6 +186,14 @@ class FragPorts(Mirror):
     _format_ = {"sport": BE16, "dport": BE16}
 
 
+class Event(Mirror):
+    _fields_ = [("ts_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("type", ct.c_uint8), ("reason", ct.c_uint8),
+                ("proto", ct.c_uint8), ("pad", ct.c_uint8), ("saddr", ct.c_uint32), ("daddr", ct.c_uint32),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("nat_ip", ct.c_uint32), ("nat_port", ct.c_uint16),
+                ("pad2", ct.c_uint16), ("len", ct.c_uint32), ("service_id", ct.c_uint32)]
+    _format_ = {"saddr": IPV4, "daddr": IPV4, "sport": BE16, "dport": BE16, "nat_ip": IPV4, "nat_port": BE16}
+
+
 class U32(Mirror):
     """A bare __u32 key (array index)."""
     _fields_ = [("value", ct.c_uint32)]
@@ -202,8 +217,9 @@ MIRRORS: dict[str, type[Mirror]] = {
     "frag_ports": FragPorts,
     "tunnel_key": TunnelKey,
     "tunnel_info": TunnelInfo,
+    "event": Event,
     "__u32": U32,
 }
 
 # C enum name -> mirror enum, checked against the DWARF too.
-ENUMS: dict[str, type[enum.IntEnum]] = {"counter_id": CounterId, "ct_dir": CtDir}
+ENUMS: dict[str, type[enum.IntEnum]] = {"counter_id": CounterId, "ct_dir": CtDir, "event_type": EventType}

@@ -1,0 +1,49 @@
+"""Event decoding (the monitor's lines) and metric names, without root."""
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ctl.bpf.types import CounterId, Event, EventType
+from ctl.metrics import DataplaneCollector, Metrics
+from ctl.monitor import decode, format_line
+
+
+def event_bytes(**fields) -> bytes:
+    return bytes(Event.from_dict(fields))
+
+
+def test_drop_event_decodes_with_its_reason():
+    raw = event_bytes(ts_ns=5, ifindex=7, type=EventType.EV_DROP, reason=CounterId.CTR_DROP_SPOOFED, proto=6,
+                      saddr="10.244.9.9", daddr="10.244.1.3", sport=40000, dport=80, len=74)
+    ev = decode(raw + b"\0" * 4)   # perf records may carry padding
+    assert ev == {"type": "drop", "ts_ns": 5, "ifindex": 7, "proto": "tcp", "src": "10.244.9.9:40000",
+                  "dst": "10.244.1.3:80", "len": 74, "reason": "spoofed"}
+    assert "drop      spoofed" in format_line(ev, {7: "an123"}) and "an123" in format_line(ev, {7: "an123"})
+
+
+def test_translate_event_decodes_with_the_backend():
+    ev = decode(event_bytes(type=EventType.EV_TRANSLATE, proto=17, saddr="10.244.1.2", daddr="10.96.0.10",
+                            sport=5000, dport=53, nat_ip="10.244.2.5", nat_port=5353, service_id=3))
+    assert ev["type"] == "translate" and ev["backend"] == "10.244.2.5:5353" and ev["service_id"] == 3
+    assert "=> 10.244.2.5:5353" in format_line(ev, {})
+
+
+def test_metric_names_follow_prometheus_conventions():
+    m = Metrics()
+    m.registry.register(DataplaneCollector(lambda: {
+        "counters": [{"counter": "fwd_local", "packets": 3, "bytes": 300}, {"counter": "drop_spoofed", "packets": 1,
+                                                                          "bytes": 98}],
+        "maps": [{"name": "endpoints", "entries": 2, "max_entries": 65536}],
+        "services": [{"service": "web", "id": 1, "frontend": "10.96.0.10:80/tcp", "packets": 9, "bytes": 900}],
+        "lease": {"subnet": "10.244.1.0/24", "remaining": 3600.0}}))
+    with m.time_reconcile():
+        pass
+    text = generate_latest(m.registry).decode()
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    for name in ("atomnet_dataplane_packets_total", "atomnet_dataplane_bytes_total", "atomnet_drops_total",
+                 "atomnet_map_entries", "atomnet_map_capacity", "atomnet_service_packets_total",
+                 "atomnet_service_bytes_total", "atomnet_subnet_lease_remaining_seconds", "atomnet_subnet_lease_held",
+                 "atomnet_reconcile_duration_seconds_count"):
+        assert name in samples, name
+    assert all(n.startswith("atomnet_") for n in samples)
+    drops = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "atomnet_drops_total"]
+    assert drops[0].labels == {"reason": "spoofed"} and drops[0].value == 1
