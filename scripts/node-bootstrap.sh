@@ -275,7 +275,7 @@ run_systemd() {
     [ -f "$unit_src" ] || die "unit file not found: $unit_src"
     [ -x "$unit_bin" ] || die "the unit runs $unit_bin, which is not an executable: install atomnet there (or link it)"
     for arg in "ATOMNET_STORE:$STORE" "ATOMNET_NODE:$NODE" "ATOMNET_BPFFS:$BPFFS" "ATOMNET_UPLINK:$UPLINK" \
-               "ATOMNET_PUBLIC_IP:$PUBLIC_IP" "ATOMNET_LOG_LEVEL:$LOG_LEVEL"; do
+               "ATOMNET_PUBLIC_IP:$PUBLIC_IP" "ATOMNET_DAEMON_LOG_LEVEL:$LOG_LEVEL"; do
         check_env_value "${arg%%:*}" "${arg#*:}"
     done
     for arg in "${DAEMON_ARGS[@]}"; do
@@ -291,7 +291,7 @@ run_systemd() {
         echo "ATOMNET_BPFFS=$BPFFS"
         echo "ATOMNET_UPLINK=$UPLINK"
         echo "ATOMNET_PUBLIC_IP=$PUBLIC_IP"
-        echo "ATOMNET_LOG_LEVEL=${LOG_LEVEL:-info}"
+        echo "ATOMNET_DAEMON_LOG_LEVEL=${LOG_LEVEL:-info}"
         echo "ATOMNET_DAEMON_ARGS=\"${DAEMON_ARGS[*]}\""
     } >"$tmp"
     if install_if_changed "$tmp" "$env_file" 0644; then
