@@ -11,7 +11,7 @@ import structlog
 from . import hostports, pods as podlib
 from .errors import AtomnetError
 from .model import (FORWARDS_PREFIX, HOSTPORTS_PREFIX, PODS_PREFIX, PROTOCOLS, Forward, Pod, ValidationError,
-                    forward_id)
+                    forward_id, parse_port)
 from .services import reserve_ids
 from .store import Store
 
@@ -22,13 +22,7 @@ def parse_target(text: str) -> tuple[str, int]:
     pod, sep, port = text.rpartition(":")
     if not sep or not pod:
         raise ValidationError(f"invalid target {text!r}: use POD:PORT")
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValidationError(f"invalid pod port {port!r}: must be 1-65535") from None
-    if not 1 <= p <= 65535:
-        raise ValidationError(f"invalid pod port {p}: must be 1-65535")
-    return pod, p
+    return pod, parse_port(port, "pod port")
 
 
 def list_forwards(store: Store, node: str | None = None) -> list[Forward]:
@@ -73,12 +67,7 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
     if host_port in (None, "auto"):
         port = _pick_port(store, node_name, proto, host_ip)
     else:
-        try:
-            port = int(host_port)
-        except ValueError:
-            raise ValidationError(f"invalid host port {host_port!r}: a number 1-65535 or auto") from None
-        if not 1 <= port <= 65535:
-            raise ValidationError(f"invalid host port {port}: must be 1-65535")
+        port = parse_port(host_port, "host port")
         bound, who = hostports.bound_by(proto, host_ip, port)
         if bound:
             raise AtomnetError(f"host port {port}/{proto} is already bound on this node" + (f" by {who}" if who else ""))

@@ -48,6 +48,17 @@ class ValidationError(AtomnetError):
     pass
 
 
+def parse_port(value, what: str = "port") -> int:
+    """A TCP/UDP port, 1-65535, from an int or its text."""
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ValidationError(f"invalid {what} {value!r}: must be 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise ValidationError(f"invalid {what} {port}: must be 1-65535")
+    return port
+
+
 def validate_name(kind: str, name: str) -> str:
     """Kubernetes DNS-1123 label rules: what users already know from pod and service names."""
     if not _NAME_RE.match(name or ""):
@@ -264,8 +275,9 @@ class ServicePort:
 
     def __post_init__(self):
         for what, value in (("port", self.port), ("target port", self.target_port)):
-            if not isinstance(value, int) or not 1 <= value <= 65535:
+            if not isinstance(value, int):
                 raise ValidationError(f"invalid {what} {value!r}: must be 1-65535")
+            parse_port(value, what)
         if self.proto not in PROTOCOLS:
             raise ValidationError(f"unknown protocol {self.proto!r}: use tcp or udp")
 
@@ -291,15 +303,7 @@ class BackendRef:
     def parse(cls, text: str) -> "BackendRef":
         pod, _, port = text.partition(":")
         validate_name("backend pod", pod)
-        if port:
-            try:
-                p = int(port)
-            except ValueError:
-                raise ValidationError(f"invalid backend {text!r}: use POD[:PORT]") from None
-            if not 1 <= p <= 65535:
-                raise ValidationError(f"invalid backend port {p}: must be 1-65535")
-            return cls(pod, p)
-        return cls(pod)
+        return cls(pod, parse_port(port, "backend port")) if port else cls(pod)
 
 
 def parse_affinity(text: str | None) -> int:

@@ -153,14 +153,16 @@ command -v "${ATOMNET[0]}" >/dev/null 2>&1 ||
     die "atomnet command not found: ${ATOMNET[0]} (install atomnet, or set ATOMNET_BIN)"
 
 # --- the node's uplink and address (ip(8) reads them over netlink) ----------------------
+# (awk reads all its input: an early exit would kill ip with SIGPIPE, and pipefail this script.)
 iface_with_ip() { # IP -> the interface holding it
-    ip -o -4 addr show | awk -v want="$1" '{ split($4, a, "/"); if (a[1] == want) { print $2; exit } }'
+    ip -o -4 addr show | awk -v want="$1" '{ split($4, a, "/") } a[1] == want && !found { print $2; found = 1 }'
 }
 first_ip_of() { # IFACE -> its first global IPv4 address
-    ip -o -4 addr show dev "$1" scope global | awk '{ split($4, a, "/"); print a[1]; exit }'
+    ip -o -4 addr show dev "$1" scope global | awk '!found { split($4, a, "/"); print a[1]; found = 1 }'
 }
 default_route_iface() {
-    ip -o -4 route show default | awk '{ for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit } }'
+    ip -o -4 route show default |
+        awk '!found { for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); found = 1; break } }'
 }
 
 if [ -n "$UPLINK" ]; then
@@ -271,9 +273,9 @@ run_systemd() {
     local unit_src=$SCRIPT_DIR/../systemd/atomnet-daemon.service
     local unit=atomnet-daemon.service
     local changed=0 was_active=0 tmp arg pid deadline
-    command -v systemctl >/dev/null 2>&1 || die "systemctl not found: --systemd needs systemd (use --background)"
     [ -f "$unit_src" ] || die "unit file not found: $unit_src"
     [ -x "$unit_bin" ] || die "the unit runs $unit_bin, which is not an executable: install atomnet there (or link it)"
+    command -v systemctl >/dev/null 2>&1 || die "systemctl not found: --systemd needs systemd (use --background)"
     for arg in "ATOMNET_STORE:$STORE" "ATOMNET_NODE:$NODE" "ATOMNET_BPFFS:$BPFFS" "ATOMNET_UPLINK:$UPLINK" \
                "ATOMNET_PUBLIC_IP:$PUBLIC_IP" "ATOMNET_DAEMON_LOG_LEVEL:$LOG_LEVEL"; do
         check_env_value "${arg%%:*}" "${arg#*:}"
@@ -319,7 +321,8 @@ run_systemd() {
         # MainPID changes if systemd restarts a crashed daemon: look at the current one's lines.
         pid=$(systemctl show --property MainPID --value "$unit")
         if [ "${pid:-0}" != 0 ] &&
-            journalctl --quiet --output cat "_SYSTEMD_UNIT=$unit" "_PID=$pid" | grep -q "\"event\": \"$READY_EVENT\""; then
+            journalctl --quiet --output cat "_SYSTEMD_UNIT=$unit" "_PID=$pid" |
+            grep -F "\"event\": \"$READY_EVENT\"" >/dev/null; then
             say "$unit (PID $pid) is up: $READY_EVENT"
             return 0
         fi

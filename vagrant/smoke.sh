@@ -178,7 +178,7 @@ fetch() { # fetch HOST_IP POD_OR_EMPTY URL EXPECTED: curl URL (in the pod, or on
     fi
     [ "$got" = "$4" ]
 }
-has_endpoint() { an "$1" endpoint list | json "'$2' in [e['ip'] for e in d]" | grep -qx True; }
+has_endpoint() { an "$1" endpoint list | json "'$2' in [e['ip'] for e in d]" | grep -x True >/dev/null; }
 for i in "${!POD_NAMES[@]}"; do
     host=${POD_HOSTS[$i]} name=${POD_NAMES[$i]} ip=${POD_IPS[$i]}
     until_ok "$TIMEOUT" has_endpoint "$host" "$ip" || fail "pod $name ($ip) never programmed on $(node_label "$host")"
@@ -210,7 +210,7 @@ SERVICE=$TAG
 VIP=$(json 'd["vip"]' <<<"$svc")
 lb_ready() { # lb_ready HOST: the node programmed the VIP with every backend
     an "$1" lb list | json "[len(r['backends']) for r in d if r['vip'] == '$VIP' and r['port'] == 80]" |
-        grep -qx "${#POD_NAMES[@]}"
+        grep -x "${#POD_NAMES[@]}" >/dev/null
 }
 for host in "${NODE_IPS[@]}"; do
     until_ok "$TIMEOUT" lb_ready "$host" ||

@@ -105,6 +105,25 @@ static __always_inline int route_from_overlay(struct __sk_buff *skb, struct head
 	return deliver(skb, r == LB_TRANSLATED);
 }
 
+/* What becomes of a packet after the load balancer; can_reply: the sender is a pod
+ * behind this very hook, so a refusal can be answered straight back into it. */
+static __always_inline int lb_verdict(struct __sk_buff *skb, const struct flow *f, enum lb_result r, int can_reply)
+{
+	switch (r) {
+	case LB_REJECT:
+		count(skb, CTR_LB_REJECT);
+		if (!can_reply)
+			return TC_ACT_OK;	/* the node's stack refuses the port itself */
+		return f->proto == IPPROTO_TCP ? reject_tcp(skb) : reject_udp(skb);
+	case LB_DROP_FRAGMENT:
+		return drop(skb, CTR_DROP_FRAGMENT);
+	case LB_NAT_FAILED:
+		return drop(skb, CTR_DROP_NAT_FAILED);
+	default:
+		return deliver(skb, r == LB_TRANSLATED);
+	}
+}
+
 /* from_netdev's path: traffic from outside (or, on lo, from the node itself) to a
  * published port or NodePort; everything else is the node's own business. */
 static __always_inline int route_from_netdev(struct __sk_buff *skb, struct headers *h)
@@ -126,17 +145,7 @@ static __always_inline int route_from_netdev(struct __sk_buff *skb, struct heade
 		return TC_ACT_OK;
 	cfg = load_config();
 	r = lb_forward(skb, &f, svc, cfg ? cfg->snat_ip : 0);
-	switch (r) {
-	case LB_REJECT:
-		count(skb, CTR_LB_REJECT);
-		return TC_ACT_OK;	/* nobody to send a reply into: the node's stack refuses the port */
-	case LB_DROP_FRAGMENT:
-		return drop(skb, CTR_DROP_FRAGMENT);
-	case LB_NAT_FAILED:
-		return drop(skb, CTR_DROP_NAT_FAILED);
-	default:
-		return deliver(skb, r == LB_TRANSLATED);
-	}
+	return lb_verdict(skb, &f, r, 0);
 }
 
 static __always_inline int route_ipv4(struct __sk_buff *skb, struct headers *h)
@@ -171,17 +180,7 @@ static __always_inline int route_ipv4(struct __sk_buff *skb, struct headers *h)
 		}
 	}
 
-	switch (r) {
-	case LB_REJECT:
-		count(skb, CTR_LB_REJECT);
-		return f.proto == IPPROTO_TCP ? reject_tcp(skb) : reject_udp(skb);
-	case LB_DROP_FRAGMENT:
-		return drop(skb, CTR_DROP_FRAGMENT);
-	case LB_NAT_FAILED:
-		return drop(skb, CTR_DROP_NAT_FAILED);
-	default:
-		return deliver(skb, r == LB_TRANSLATED);
-	}
+	return lb_verdict(skb, &f, r, 1);
 }
 
 #endif

@@ -182,20 +182,19 @@ def obj_get(path: str) -> int:
     return _check(_obj_get(path.encode()), f"opening pinned object {path}")
 
 
-def prog_info(fd: int) -> BpfProgInfo:
-    info = BpfProgInfo()
+def _obj_info(fd: int, info, what: str):
     size = ct.c_uint32(ct.sizeof(info))
     ct.set_errno(0)
-    _check(_get_info(fd, ct.byref(info), ct.byref(size)), "reading program info")
+    _check(_get_info(fd, ct.byref(info), ct.byref(size)), f"reading {what} info")
     return info
+
+
+def prog_info(fd: int) -> BpfProgInfo:
+    return _obj_info(fd, BpfProgInfo(), "program")
 
 
 def map_info(fd: int) -> BpfMapInfo:
-    info = BpfMapInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    ct.set_errno(0)
-    _check(_get_info(fd, ct.byref(info), ct.byref(size)), "reading map info")
-    return info
+    return _obj_info(fd, BpfMapInfo(), "map")
 
 
 def prog_map_ids(fd: int) -> list[int]:
