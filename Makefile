@@ -15,7 +15,7 @@ BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-
 
 # Debian packages: build toolchain, bcc's Python bindings, and what tests/demo run.
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 \
-	etcd-server etcd-client iperf3 nginx-light wrk socat curl iputils-ping tcpdump shellcheck vagrant
+	etcd-server etcd-client iperf3 nginx-light wrk socat curl iputils-ping tcpdump shellcheck vagrant vagrant-libvirt
 
 .PHONY: setup apt venv build test test-unit test-prog test-e2e bench demo demo-clean clean
 
@@ -28,7 +28,7 @@ apt:
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		[ "$$(id -u)" = 0 ] || { echo "need root to install:" $$missing >&2; exit 1; }; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 # The OS Python with --system-site-packages: bcc's bindings come from python3-bpfcc.

@@ -41,6 +41,8 @@ Options:
   --metrics HOST:PORT    serve Prometheus metrics
   --log-level LEVEL      debug, info, warning or error (default info)
   --log-file FILE        --foreground: append the daemon's output to FILE
+  --restart              --systemd: restart the unit if it runs, even when its settings did
+                         not change (to run newly installed code; pins are reused)
   --wait SECONDS         --background, --systemd: wait until the daemon logs dataplane_ready
                          (default 0: do not wait)
   --store-wait SECONDS   keep retrying --init-network this long while an etcd store is
@@ -51,9 +53,11 @@ Options:
 Environment:
   ATOMNET_BIN       the atomnet command, split on blanks (default "atomnet"),
                     e.g. "/opt/atomnet/.venv/bin/python -m ctl.cli"
-  ATOMNET_ENV_FILE  --systemd: the settings file the unit reads (/etc/atomnet/atomnet.env)
-  ATOMNET_UNIT_DIR  --systemd: where the unit is installed (/etc/systemd/system)
-  ATOMNET_UNIT_BIN  --systemd: the command the unit runs (/usr/local/bin/atomnet): it must exist
+  --systemd paths, to be changed only for tests (the unit reads /etc/atomnet/atomnet.env
+  and runs /usr/local/bin/atomnet, which must exist):
+  ATOMNET_ENV_FILE  the settings file (/etc/atomnet/atomnet.env)
+  ATOMNET_UNIT_DIR  where the unit is installed (/etc/systemd/system)
+  ATOMNET_UNIT_BIN  the command the unit runs, checked before anything is written
 
 Examples:
   node-bootstrap.sh --store etcd://192.168.56.10:2379 --node node1 \
@@ -96,6 +100,7 @@ METRICS=
 LOG_LEVEL=
 LOG_FILE=
 WAIT=0
+RESTART=0
 STORE_WAIT=60
 MODE=
 BG_LOG=
@@ -123,6 +128,7 @@ while [ $# -gt 0 ]; do
         --log-level) need_value "$1" $#; LOG_LEVEL=$2; shift 2 ;;
         --log-file) need_value "$1" $#; LOG_FILE=$2; shift 2 ;;
         --wait) need_value "$1" $#; WAIT=$2; shift 2 ;;
+        --restart) RESTART=1; shift ;;
         --store-wait) need_value "$1" $#; STORE_WAIT=$2; shift 2 ;;
         --systemd | --foreground) set_mode "$1"; shift ;;
         --background) need_value "$1" $#; set_mode "$1"; BG_LOG=$2; shift 2 ;;
@@ -146,6 +152,7 @@ case $LOG_LEVEL in
 esac
 [ -z "$LOG_FILE" ] || [ "$MODE" = foreground ] || usage_error "--log-file is for --foreground (--background takes LOGFILE)"
 [ "$WAIT" = 0 ] || [ "$MODE" != foreground ] || usage_error "--wait is for --background and --systemd"
+[ "$RESTART" = 0 ] || [ "$MODE" = systemd ] || usage_error "--restart is for --systemd"
 
 read -r -a ATOMNET <<<"${ATOMNET_BIN:-atomnet}"
 [ "${#ATOMNET[@]}" -gt 0 ] || die "ATOMNET_BIN is empty"
@@ -311,8 +318,11 @@ run_systemd() {
         was_active=1
     fi
     systemctl enable --now "$unit"
-    if [ "$changed" = 1 ] && [ "$was_active" = 1 ]; then
+    if [ "$was_active" = 1 ] && [ "$changed" = 1 ]; then
         say "settings changed: restarting $unit"
+        systemctl restart "$unit"
+    elif [ "$was_active" = 1 ] && [ "$RESTART" = 1 ]; then
+        say "restarting $unit (--restart)"
         systemctl restart "$unit"
     fi
     [ "$WAIT" != 0 ] || return 0

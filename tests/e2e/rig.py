@@ -15,6 +15,8 @@ from pathlib import Path
 
 ATOMNET = [sys.executable, "-m", "ctl.cli"]
 REPO = Path(__file__).resolve().parents[2]
+# Nodes join the cluster with the same script the Vagrant rig provisions with.
+BOOTSTRAP = REPO / "scripts" / "node-bootstrap.sh"
 UNDERLAY_NET = "192.168.100"
 
 
@@ -56,7 +58,11 @@ class Node:
     def start_daemon(self, *extra, wait: bool = True, env: dict | None = None) -> None:
         log = open(self.log_path, "a")
         ready = self.log_count("dataplane_ready") + 1
-        self.daemon = subprocess.Popen(self.nsenter + ATOMNET + ["daemon", *extra], env={**self.env(), **(env or {})},
+        # --foreground: nsenter execs the script, the script execs the daemon, so the PID
+        # held here is the daemon's own (signals reach it).
+        cmd = self.nsenter + [str(BOOTSTRAP), "--foreground", "--store", self.rig.store, "--node", self.name,
+                              "--bpffs", self.bpffs, "--", *map(str, extra)]
+        self.daemon = subprocess.Popen(cmd, env={**self.env(), "ATOMNET_BIN": " ".join(ATOMNET), **(env or {})},
                                        stdout=log, stderr=log, cwd=REPO)
         if wait:
             self.wait_log("dataplane_ready", occurrences=ready)

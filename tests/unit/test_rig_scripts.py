@@ -18,6 +18,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -198,6 +199,7 @@ def test_bootstrap_help():
     (["--store", "s", "--foreground", "--log-level", "loud"], "--log-level must be"),
     (["--store", "s", "--foreground", "--wait", "5"], "--wait is for"),
     (["--store", "s", "--systemd", "--log-file", "x.log"], "--log-file is for --foreground"),
+    (["--store", "s", "--background", "x.log", "--restart"], "--restart is for --systemd"),
 ])
 def test_bootstrap_usage_errors_exit_2_with_one_line(args, message):
     res = bootstrap(*args, env={"ATOMNET_STORE": ""})
@@ -219,6 +221,19 @@ def test_bootstrap_runtime_errors_exit_1_with_one_line(args, env, message):
     assert res.returncode == 1, res
     assert res.stdout == "" and len(res.stderr.splitlines()) == 1, res.stderr
     assert message in res.stderr and res.stderr.startswith("node-bootstrap: ")
+
+
+def test_bootstrap_waits_for_an_unreachable_etcd_then_gives_up(tmp_path):
+    """--init-network against etcd that is not up yet: retried until --store-wait, then one
+    final line. (127.0.0.1 port 1: refused at once, nothing leaves the machine.)"""
+    res = bootstrap("--store", "etcd://127.0.0.1:1", "--node", "n1", "--init-network", "10.244.0.0/16",
+                    "--store-wait", "3", "--background", tmp_path / "d.log",
+                    env={"ATOMNET_BIN": f"{sys.executable} -m ctl.cli"}, cwd=REPO)
+    assert res.returncode == 1 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) >= 2 and all("retrying network init" in line and "unreachable" in line for line in lines[:-1])
+    assert lines[-1].startswith("node-bootstrap: network init failed after 3s: etcd store etcd://127.0.0.1:1 unreachable")
+    assert not (tmp_path / "d.log").exists(), "no daemon started"
 
 
 # --- node-bootstrap.sh --systemd, against stand-in systemctl and journalctl ------------------
@@ -288,6 +303,14 @@ def test_bootstrap_systemd_writes_settings_installs_unit_and_restarts_only_on_ch
     _, systemctl, _ = run("--lease-ttl", "900")
     assert systemctl[-1] == "systemctl restart atomnet-daemon.service", "new settings: restarted"
     assert read_env_file(tmp / "etc" / "atomnet.env")["ATOMNET_DAEMON_ARGS"] == "--lease-ttl 900"
+
+    res, systemctl, _ = run("--lease-ttl", "900", "--restart")
+    assert systemctl[-1] == "systemctl restart atomnet-daemon.service", "--restart: new code runs"
+    assert "(--restart)" in res.stderr
+
+    (tmp / "active").unlink()
+    _, systemctl, _ = run("--lease-ttl", "900", "--restart")
+    assert systemctl[-1] == "systemctl enable --now atomnet-daemon.service", "not running: started, once"
 
 
 def test_bootstrap_systemd_refuses_values_the_env_file_cannot_hold(systemd_stubs):
