@@ -331,8 +331,21 @@ def _service_verbs(args, verb) -> None:
             shown = svclib.show(svc, svclib.pods_by_name(store))
             emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
         else:  # apply
+            from . import forwards as fwdlib
             text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
-            result = svclib.apply(store, svclib.parse_documents(text), prune=args.prune)
+            docs = svclib.parse_documents(text)
+            for i, d in enumerate(docs):
+                if d.get("kind") not in ("service", "forward"):
+                    raise AtomnetError(f"object {i + 1}: unsupported kind {d.get('kind')!r} (supported: service, "
+                                       "forward)")
+            services = [d for d in docs if d["kind"] == "service"]
+            forwards = [d for d in docs if d["kind"] == "forward"]
+            # Everything is validated before anything is written. --prune applies to the kinds
+            # the file lists. Forwards are checked against this node's kernel: this node's only.
+            plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune) if forwards else None
+            result = svclib.apply(store, services, prune=args.prune) if services else {}
+            if plan:
+                result["forwards"] = fwdlib.apply_plan(store, plan)
             emit(result, args.json)
 
 

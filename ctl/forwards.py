@@ -50,9 +50,11 @@ def _pick_port(store: Store, node: str, proto: str, host_ip: str) -> int:
     raise AtomnetError(f"no free {proto} port left in the ephemeral range {lo}-{hi}")
 
 
-def add_forward(store: Store, node_name: str, target: str, host_port: str | None, host_ip: str | None,
-                proto: str) -> Forward:
-    proto = proto.lower()
+def validate(store: Store, node_name: str, target: str, host_port, host_ip: str | None, proto: str,
+             check_bound: bool = True):
+    """Everything about a forward that can be checked before writing: (proto, pod, pod port,
+    host IP, host port or None for auto)."""
+    proto = (proto or "tcp").lower()
     if proto not in PROTOCOLS:
         raise ValidationError(f"unknown protocol {proto!r}: use tcp or udp")
     pod_name, pod_port = parse_target(target)
@@ -65,12 +67,21 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
     if host_ip not in hostports.node_addresses():
         raise AtomnetError(f"host IP {host_ip} is not an address of node {node_name}")
     if host_port in (None, "auto"):
-        port = _pick_port(store, node_name, proto, host_ip)
-    else:
-        port = parse_port(host_port, "host port")
+        return proto, pod_name, pod_port, host_ip, None
+    port = parse_port(host_port, "host port")
+    if check_bound:
         bound, who = hostports.bound_by(proto, host_ip, port)
         if bound:
             raise AtomnetError(f"host port {port}/{proto} is already bound on this node" + (f" by {who}" if who else ""))
+    return proto, pod_name, pod_port, host_ip, port
+
+
+def add_forward(store: Store, node_name: str, target: str, host_port: str | None, host_ip: str | None,
+                proto: str) -> Forward:
+    proto, pod_name, pod_port, host_ip, port = validate(store, node_name, target, host_port, host_ip, proto)
+    if port is None:
+        port = _pick_port(store, node_name, proto, host_ip)
+    else:
         if not store.create(_claim_key(node_name, proto, port), forward_id(node_name, proto, port)):
             raise AtomnetError(f"host port {port}/{proto} is already forwarded on node {node_name} "
                                f"(forward {forward_id(node_name, proto, port)})")
@@ -94,3 +105,36 @@ def delete_forward(store: Store, forward: str) -> Forward | None:
     store.put_many([], deletes=[FORWARDS_PREFIX + fwd.id, _claim_key(fwd.node, fwd.proto, fwd.host_port)])
     log.info("forward_deleted", id=fwd.id)
     return fwd
+
+
+def plan_apply(store: Store, node_name: str, docs: list[dict], prune: bool = False):
+    """The forwards of an `apply` file, for this node, all validated before anything is
+    written: returns the plan that apply_plan() carries out. `prune` removes this node's
+    forwards the file does not list; a listed forward equal to a stored one (same host
+    port, protocol, pod and port) is left alone."""
+    existing = {f.id: f for f in list_forwards(store, node_name)}
+    wanted = []
+    for doc in docs:
+        try:
+            target, host_port = f"{doc['pod']}:{doc['port']}", doc.get("host_port", "auto")
+        except KeyError as exc:
+            raise ValidationError(f"forward {doc}: missing {exc.args[0]}") from None
+        proto = str(doc.get("proto", "tcp")).lower()
+        fid = forward_id(node_name, proto, int(host_port)) if host_port not in (None, "auto") else None
+        same = existing.get(fid) if fid else None
+        keep = same is not None and (same.pod, same.port) == (doc["pod"], int(doc["port"]))
+        validate(store, node_name, target, host_port, doc.get("host_ip"), proto, check_bound=not keep)
+        if fid and not keep and fid in existing:
+            raise ValidationError(f"host port {host_port}/{proto} is already forwarded to another pod "
+                                  f"(forward {fid}): delete it first")
+        wanted.append((fid if keep else None, target, host_port, doc.get("host_ip"), proto))
+    kept = {fid for fid, *_ in wanted if fid}
+    return node_name, wanted, [fid for fid in existing if prune and fid not in kept], len(kept)
+
+
+def apply_plan(store: Store, plan) -> dict:
+    node_name, wanted, to_prune, unchanged = plan
+    added = [add_forward(store, node_name, t, hp, hip, pr) for fid, t, hp, hip, pr in wanted if fid is None]
+    for fid in to_prune:
+        delete_forward(store, fid)
+    return {"created": len(added), "unchanged": unchanged, "pruned": len(to_prune)}

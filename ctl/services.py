@@ -224,7 +224,7 @@ def apply(store: Store, docs: list[dict], prune: bool = False) -> dict:
     for i, doc in enumerate(docs):
         kind = doc.get("kind")
         if kind != "service":
-            raise ValidationError(f"object {i + 1}: unsupported kind {kind!r} (supported: service)")
+            raise ValidationError(f"object {i + 1}: unsupported kind {kind!r} (supported: service, forward)")
         svc = _service_from_doc(doc)
         if svc.name in wanted:
             raise ValidationError(f"object {i + 1}: service {svc.name} appears twice")

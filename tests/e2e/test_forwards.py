@@ -131,3 +131,26 @@ def test_nodeport_reaches_a_backend_on_another_node(rig):
     assert http_get(ext, f"http://{n2.ip}:{node_port}/").stdout.strip() == backend["name"], "via n2, backend local"
     flows = n1.atomnet_json("ct", "list")
     assert any("snat" in f["flags"] for f in flows), "to another node the source becomes n1's, so replies return via n1"
+
+
+def test_apply_takes_forwards_too(rig, setup):
+    n1, ext, web = setup
+    doc = [{"kind": "forward", "pod": web["name"], "port": 8080, "host_port": 8090},
+           {"kind": "service", "name": f"ap{rig.uid}", "ports": [{"port": 80, "target_port": 8080}],
+            "backends": [{"pod": web["name"]}]}]
+    (rig.tmp / "all.json").write_text(__import__("json").dumps(doc))
+    first = n1.atomnet_json("apply", "-f", rig.tmp / "all.json")
+    assert first["created"] == 1 and first["forwards"]["created"] == 1
+    again = n1.atomnet_json("apply", "-f", rig.tmp / "all.json")
+    assert again["unchanged"] == 1 and again["forwards"] == {"created": 0, "unchanged": 1, "pruned": 0}
+    wait_frontend(n1, n1.ip, 8090)
+    assert http_get(ext, f"http://{n1.ip}:8090/").stdout.strip() == web["name"]
+    bad = doc + [{"kind": "forward", "pod": "ghost", "port": 1, "host_port": 8091}]
+    (rig.tmp / "bad.json").write_text(__import__("json").dumps(bad))
+    before = (n1.atomnet_json("forward", "list"), n1.atomnet_json("service", "list"))
+    assert n1.atomnet("apply", "-f", rig.tmp / "bad.json", check=False).returncode == 1
+    assert (n1.atomnet_json("forward", "list"), n1.atomnet_json("service", "list")) == before
+    (rig.tmp / "only-service.json").write_text(__import__("json").dumps(doc[1:]))
+    result = n1.atomnet_json("apply", "-f", rig.tmp / "only-service.json", "--prune")
+    assert "forwards" not in result and len(n1.atomnet_json("forward", "list")) == 1, \
+        "--prune only touches the kinds the file lists"
