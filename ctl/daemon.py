@@ -198,6 +198,9 @@ class Daemon:
             except AtomnetError as exc:
                 log.error("reconcile_failed", error=str(exc))
                 time.sleep(1)
+            except Exception as exc:  # a bug or a surprise from the kernel: log it, keep serving
+                log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")
+                time.sleep(1)
         self.close()
         log.info("daemon_stopped", note="programs stay attached, maps stay pinned")
 

@@ -6,6 +6,8 @@ import os
 import socket
 from pathlib import Path
 
+from .netlink import dump
+
 TCP_LISTEN = "0A"
 
 
@@ -68,4 +70,4 @@ def bound_by(proto: str, ip: str, port: int) -> tuple[bool, str | None]:
 def node_addresses() -> set[str]:
     from .netplumb import ipr
     with ipr() as conn:
-        return {a.get_attr("IFA_ADDRESS") for a in conn.get_addr(family=2)}
+        return {a.get_attr("IFA_ADDRESS") for a in dump(lambda: list(conn.get_addr(family=2)))}

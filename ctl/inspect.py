@@ -12,6 +12,7 @@ from .bpf.loader import Loader, map_catalog, open_map
 from .bpf.maps import Map
 from .bpf.types import CounterId
 from .errors import AtomnetError
+from .netlink import dump
 
 
 def _pins(loader: Loader, kind: str) -> list[Path]:
@@ -49,7 +50,7 @@ def net_show() -> list[dict]:
     """Every tc BPF filter on every link of this namespace (atomnet's and others')."""
     out = []
     with netplumb.ipr() as conn:
-        for link in conn.get_links():
+        for link in dump(lambda: list(conn.get_links())):
             for direction in (tc.INGRESS, tc.EGRESS):
                 for f in tc.filters(conn, link["index"], direction):
                     out.append({"ifname": link.get_attr("IFLA_IFNAME"), "ifindex": link["index"],

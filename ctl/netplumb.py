@@ -20,6 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .desired import LinkInfo
 from .errors import AtomnetError
 from .model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
+from .netlink import dump
 
 NETNS_DIR = Path("/run/netns")
 RT_PROTO_ATOMNET = 192
@@ -44,7 +45,7 @@ def ipr():
 
 
 def _addresses(conn) -> list[tuple[int, str]]:
-    return [(a["index"], a.get_attr("IFA_ADDRESS")) for a in conn.get_addr(family=2)
+    return [(a["index"], a.get_attr("IFA_ADDRESS")) for a in dump(lambda: list(conn.get_addr(family=2)))
             if a["scope"] == 0]
 
 
@@ -52,7 +53,7 @@ def detect_uplink(public_ip: str | None = None, uplink: str | None = None) -> Up
     """The node's uplink: named, or the one holding public_ip, or the default route's, or the
     only interface with a global IPv4 address (not ours, not loopback)."""
     with ipr() as conn:
-        links = {link["index"]: link for link in conn.get_links()}
+        links = {link["index"]: link for link in dump(lambda: list(conn.get_links()))}
         addrs = _addresses(conn)
         index = None
         if uplink:
@@ -65,7 +66,7 @@ def detect_uplink(public_ip: str | None = None, uplink: str | None = None) -> Up
             if index is None:
                 raise AtomnetError(f"public IP {public_ip} is not configured on any interface of this node")
         else:
-            for route in conn.get_default_routes(family=2):
+            for route in dump(lambda: list(conn.get_default_routes(family=2))):
                 index = route.get_attr("RTA_OIF")
                 break
             if index is None:
@@ -85,7 +86,7 @@ def link_table() -> dict[str, LinkInfo]:
     """ifname -> (ifindex, MAC) for every link in this namespace."""
     with ipr() as conn:
         return {link.get_attr("IFLA_IFNAME"): LinkInfo(link["index"], link.get_attr("IFLA_ADDRESS"))
-                for link in conn.get_links()}
+                for link in dump(lambda: list(conn.get_links()))}
 
 
 def netns_path(name_or_path: str) -> Path:
@@ -197,7 +198,7 @@ def ensure_overlay(vni: int, port: int, mac: str, mtu: int, subnet: str, cluster
         conn.link("set", index=index, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
             ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
         wanted = str(net.network_address)
-        for a in conn.get_addr(index=index, family=2):
+        for a in dump(lambda: list(conn.get_addr(index=index, family=2))):
             if a.get_attr("IFA_ADDRESS") != wanted:
                 conn.addr("del", index=index, address=a.get_attr("IFA_ADDRESS"), prefixlen=a["prefixlen"])
         if not conn.get_addr(index=index, family=2):

@@ -14,6 +14,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
+from ..netlink import dump
+
 INGRESS, EGRESS = "ingress", "egress"
 PARENTS = {INGRESS: 0xFFFFFFF2, EGRESS: 0xFFFFFFF3}
 ATOMNET_PRIO = 1
@@ -71,7 +73,7 @@ def detach(ipr: IPRoute, ifindex: int, direction: str) -> bool:
 
 def filters(ipr: IPRoute, ifindex: int, direction: str) -> list[Filter]:
     try:
-        msgs = ipr.get_filters(index=ifindex, parent=PARENTS[direction])
+        msgs = dump(lambda: list(ipr.get_filters(index=ifindex, parent=PARENTS[direction])))
     except NetlinkError as exc:
         if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact here
             return []
