@@ -47,7 +47,7 @@ $(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
 	$(CLANG) $(BPF_CFLAGS) $(EXTRA_BPF_CFLAGS) -c $< -o $@
 
 test: build
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/prog tests/e2e
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/prog tests/e2e tests/bench/test_smoke.py
 
 test-unit: build
 	$(PY) -m pytest -q tests/unit
@@ -63,7 +63,10 @@ demo-clean: venv
 	$(PY) -m ctl.demo --remove
 
 bench: build
-	$(PY) -m pytest -q tests/bench
+	@# matplotlib for the charts; the Debian tools of the baselines (sockperf, iptables) are
+	@# installed by the harness itself if missing (tests/bench/harness.py: ensure_tools).
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m tests.bench.run --out bench/results
 
 clean:
 	rm -rf $(OBJDIR) $(VENV) *.egg-info

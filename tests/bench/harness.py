@@ -54,6 +54,9 @@ class Series:
     def spread(self) -> tuple[float, float] | None:
         return (min(self.valid), max(self.valid)) if self.valid else None
 
+    def renamed(self, system: str) -> "Series":
+        return Series(system, self.samples)
+
     def to_dict(self) -> dict:
         return {"system": self.system, "median": self.median, "min_max": self.spread, "n": len(self.valid),
                 "samples": [{"value": s.value, "flagged": s.flagged, **({"extra": s.extra} if s.extra else {})}
@@ -204,6 +207,7 @@ def machine() -> dict:
         "memory_gib": round(mem_gib, 1),
         "os": _os_release(),
         "python": platform.python_version(),
+        "br_netfilter": os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"),
         "tools": {
             "iperf3": _version(["iperf3", "--version"]),
             "sockperf": _version(["sockperf", "--version"]),

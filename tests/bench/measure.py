@@ -2,11 +2,15 @@
 
 - throughput: iperf3, one TCP stream, -J; the value is the receiver's Gbit/s after the
   omitted warm-up (-O), retransmits kept as extra.
-- latency: sockperf ping-pong over TCP, 64-byte messages; the value is the median
-  (p50) of the per-message half round trip in microseconds, p99 and mean kept as extra.
-  Chosen over qperf because it reports the distribution of every message (percentiles),
-  not only a mean, which on a noisy 2-CPU machine is dragged by a few scheduler hiccups;
-  and it runs one persistent TCP connection, so the figure is the path, not the handshake.
+- latency: sockperf ping-pong over TCP, 64-byte messages, both ends busy-polling
+  (--nonblocked); the value is the median (p50) of the per-message half round trip in
+  microseconds, p99 and mean kept as extra. Chosen over qperf because it reports the
+  distribution of every message (percentiles), not only a mean that a few scheduler
+  hiccups on a noisy 2-CPU machine drag, and it can busy-poll: on this VM a vCPU that
+  went idle takes ~20 us to wake, twice per round trip, the same for every system, which
+  buries the 1-3 us the paths differ by (blocking sockets measured ~41 us p50 on a bare
+  veth pair, busy-polling ~2.8 us). The server is started for each run and stopped after,
+  because an idle busy-polling server spins a whole CPU.
 - new connections/s: tests/bench/crr.py (RST close, several processes); a run with any
   SYN retransmission or failed connection is flagged, never counted.
 """
@@ -31,10 +35,19 @@ def _run(netns: str, *cmd, timeout: float) -> subprocess.CompletedProcess:
     return res
 
 
-def iperf3(client_ns: str, host: str, port: int, seconds: int, omit: int) -> Sample:
-    args = ["iperf3", "-c", host, "-p", port, "-t", seconds, "-J"] + (["-O", omit] if omit else [])
-    res = _run(client_ns, *args, timeout=seconds + omit + 30)
-    end = json.loads(res.stdout)["end"]
+def iperf3(client_ns: str, host: str, port: int, seconds: int, omit: int, nbytes: str = "") -> Sample:
+    length = ["-n", nbytes] if nbytes else ["-t", seconds] + (["-O", omit] if omit else [])
+    args = ["iperf3", "-c", host, "-p", port, *length, "-J"]
+    res = subprocess.run(["ip", "netns", "exec", client_ns, *map(str, args)], capture_output=True, text=True,
+                         timeout=seconds + omit + 30)
+    try:
+        doc = json.loads(res.stdout)
+    except ValueError:
+        doc = {"error": (res.stderr or res.stdout).strip()[-300:] or f"exit {res.returncode}"}
+    if doc.get("error") or "sum_received" not in doc.get("end", {}):
+        # e.g. "the server is busy running a test": not a measurement; the harness retries it
+        return Sample(0.0, flagged=f"iperf3: {doc.get('error', 'no result')}")
+    end = doc["end"]
     gbps = end["sum_received"]["bits_per_second"] / 1e9
     return Sample(gbps, extra={"retransmits": end["sum_sent"].get("retransmits", 0)})
 
@@ -43,9 +56,9 @@ _PCT = re.compile(r"percentile\s+([\d.]+)\s*=\s*([\d.]+)")
 _AVG = re.compile(r"avg-latency=([\d.]+)")
 
 
-def sockperf(client_ns: str, host: str, port: int, seconds: float) -> Sample:
-    res = _run(client_ns, "sockperf", "ping-pong", "--tcp", "-i", host, "-p", port, "-t", seconds, "-m", 64,
-               timeout=seconds + 30)
+def sockperf(client_ns: str, host: str, port: int, seconds: int) -> Sample:
+    res = _run(client_ns, "sockperf", "ping-pong", "--tcp", "--nonblocked", "-i", host, "-p", port, "-t", seconds,
+               "-m", 64, timeout=seconds + 30)
     text = res.stdout + res.stderr
     pct = {float(k): float(v) for k, v in _PCT.findall(text)}
     avg = _AVG.search(text)
