@@ -53,6 +53,17 @@ class Compacted(StoreError):
     """watch() asked for history the store no longer keeps: list() again and watch from there."""
 
 
+def split_batch(items: Iterable[tuple[str, str]], deletes: Iterable[str], where: str) -> tuple[dict, list]:
+    """put_many's arguments, checked the same way by every backend: a key put twice keeps its
+    last value; a key both put and deleted is an error (as in an etcd transaction)."""
+    puts = dict(items)
+    dels = sorted(set(deletes))
+    both = puts.keys() & set(dels)
+    if both:
+        raise StoreError(f"put_many on {where}: key {min(both)!r} is both put and deleted")
+    return puts, dels
+
+
 class Store(abc.ABC):
     """A revisioned key-value store (etcd v3 semantics).
 

@@ -57,7 +57,7 @@ import urllib3.exceptions
 from etcd3gw import exceptions as gw_exceptions
 from etcd3gw.client import Etcd3Client
 
-from .base import KV, Compacted, Event, Store, StoreError
+from .base import KV, Compacted, Event, Store, StoreError, split_batch
 
 DEFAULT_PORT = 2379
 CONNECT_TIMEOUT = 3.0  # seconds to wait for a TCP connection before trying the next endpoint
@@ -351,11 +351,7 @@ class EtcdStore(Store):
         return int(resp.get("deleted", 0))
 
     def put_many(self, items: Iterable[tuple[str, str]], deletes: Iterable[str] = ()) -> int:
-        puts = dict(items)  # a key put twice: the last value wins
-        dels = sorted(set(deletes))
-        both = puts.keys() & set(dels)
-        if both:
-            raise StoreError(f"put_many on etcd store {self.url}: key {min(both)!r} is both put and deleted")
+        puts, dels = split_batch(items, deletes, f"etcd store {self.url}")
         if not puts and not dels:
             return self.revision()
         ops = [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v in puts.items()]

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from .base import KV, Compacted, Event, Store, StoreError
+from .base import KV, Compacted, Event, Store, StoreError, split_batch
 
 HISTORY = 100_000  # events kept for watch; older ones are pruned (-> Compacted)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
@@ -330,11 +330,7 @@ class SqliteStore(Store):
         return len(keys)
 
     def put_many(self, items: Iterable[tuple[str, str]], deletes: Iterable[str] = ()) -> int:
-        puts = dict(items)  # a key put twice: the last value wins
-        dels = sorted(set(deletes))
-        both = puts.keys() & set(dels)
-        if both:
-            raise StoreError(f"put_many on sqlite store {self.path}: key {min(both)!r} is both put and deleted")
+        puts, dels = split_batch(items, deletes, f"sqlite store {self.path}")
         with self._write() as db:
             gone = [k for k in dels if db.execute("DELETE FROM kv WHERE key = ?", (k,)).rowcount]
             if not puts and not gone:
