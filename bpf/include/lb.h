@@ -195,6 +195,22 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 	return LB_TRANSLATED;
 }
 
+/* The forward entry of the flow a reply entry belongs to is gone or closing. */
+static __always_inline int reply_is_stale(const struct ct_entry *ct, const struct flow *f)
+{
+	struct ct_key fk = {};
+	struct ct_entry *fwd;
+
+	fk.saddr = ct->snat_ip ? ct->snat_ip : f->daddr;	/* hairpin/SNAT: the real client */
+	fk.daddr = ct->nat_ip;
+	fk.sport = f->dport;
+	fk.dport = ct->nat_port;
+	fk.proto = f->proto;
+	fk.dir = CT_FORWARD;
+	fwd = bpf_map_lookup_elem(&conntrack, &fk);
+	return !fwd || (fwd->flags & CT_F_CLOSING);
+}
+
 /* A reply of a translated flow: source back to VIP:port (and, for hairpin, destination
  * back to the real client). */
 static __always_inline enum lb_result lb_reverse(struct __sk_buff *skb, struct flow *f)
@@ -208,6 +224,13 @@ static __always_inline enum lb_result lb_reverse(struct __sk_buff *skb, struct f
 	ct = bpf_map_lookup_elem(&conntrack, &rk);
 	if (!ct || ct_expired(ct, now, f->proto))
 		return LB_PASS;
+	if (f->proto == IPPROTO_TCP && (f->tcp_flags & TCPF_SYN) && reply_is_stale(ct, f)) {
+		/* A SYN-ACK on the tuple of a translated connection that is over: it answers a
+		 * new, direct connection (same client port, straight to the backend), which must
+		 * not be rewritten to come from the VIP. */
+		bpf_map_delete_elem(&conntrack, &rk);
+		return LB_PASS;
+	}
 	ct_touch(ct, f, now, skb->len);
 	ct->flags |= CT_F_SEEN_REPLY;
 	client = ct->snat_ip;

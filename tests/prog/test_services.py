@@ -192,3 +192,14 @@ def test_hairpin_backend_reaches_itself(harness):
     assert rc == TC_ACT_REDIRECT
     assert (rep[IP].src, rep[TCP].sport, rep[IP].dst) == (VIP, 80, A["ip"])
     assert checksums_ok(rep)
+
+
+def test_closed_translated_flow_does_not_capture_a_new_direct_connection(harness):
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=43000, dport=80, flags="S"))
+    send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=43000, flags="SA"))
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=43000, dport=80, flags="R"))   # closed (RST)
+    # The same client port now connects straight to the backend: its SYN-ACK is not the VIP's.
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=43000, flags="SA"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (B["ip"], 8080)
