@@ -3,9 +3,10 @@ replaces, built by the benchmark the way that system builds it, in the same run,
 interleaved. `Bench(rig, config).run()` fills `rows` (the table) and `series` (charts).
 
 While a dataplane is measured, every atomnet daemon is paused (SIGSTOP, SIGCONT after):
-it does no per-packet work, and its periodic full resync (every 5 s; about 1-2 s of
-CPU at 10 000 services) would otherwise compete with the load for the 2 CPUs. That
-idle cost is measured separately and reported (control plane section).
+it does no per-packet work, and its periodic full resync (ctl.daemon.RESYNC_SECONDS; a
+second or two of CPU at 10 000 services) would otherwise compete with the load for the
+2 CPUs. That idle cost is measured separately and reported (control plane section), and
+one row measures connections/s with the daemon running.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class Config:
     service_counts: tuple[int, ...] = (1, 1000, 10000)
     cp_services: int = 10000
     cp_backends: int = 10
-    idle_window: float = 10.0       # daemon CPU at cp_services, sampled over this many seconds
+    idle_window: float = 0.0        # daemon CPU at cp_services sampled over this many s (0: one resync period)
     iptables: str = "iptables-legacy"
 
 
@@ -347,10 +348,12 @@ class Bench:
         full_text, changed_text = rules.kube_proxy(full, KP_CIDR), rules.kube_proxy(changed, KP_CIDR)
         self.facts["kube_proxy_rules"] = {"rules": rules.rule_count(full_text),
                                           "chains": full_text.count("\n:") + 1}
+        from ctl.daemon import RESYNC_SECONDS
+        window = c.idle_window or RESYNC_SECONDS
         idle = None
         with paused(self.n1.daemon):   # the main node's daemon (10 000 services) must not compete
             for r in range(c.reps):
-                a = self.cp_atomnet_rep(n, nb, measure_idle=(r == c.reps - 1))
+                a = self.cp_atomnet_rep(n, nb, idle_window=window if r == c.reps - 1 else 0)
                 for key, value in (("atomnet program", a["program"]["wall"]),
                                    ("atomnet program reconcile", a["program"]["reconcile"]),
                                    ("atomnet change", a["change"]["reconcile"]),
@@ -386,12 +389,14 @@ class Bench:
         ]
         if idle is not None:
             self.rows.append(Row(f"daemon idle CPU at {label} services", "CPU while nothing changes "
-                                 f"({c.idle_window:g} s window, 1 sample)", "% of one CPU",
+                                 f"({window:g} s window, 1 sample)", "% of one CPU",
                                  Series("atomnet", [Sample(idle * 100)]), None, [], better="lower",
-                                 note="the daemon recomputes and re-reads every map every 5 s (RESYNC_SECONDS)"))
+                                 note=f"the daemon recomputes the whole desired state and re-reads every map every "
+                                      f"{RESYNC_SECONDS:g} s (ctl/daemon.py RESYNC_SECONDS); the window is one such "
+                                      "period, so this is one resync's CPU spread over its period"))
         self.series["control_plane"] = {k: v.to_dict() for k, v in s.items()}
 
-    def cp_atomnet_rep(self, n: int, nb: int, measure_idle: bool) -> dict:
+    def cp_atomnet_rep(self, n: int, nb: int, idle_window: float) -> dict:
         """A fresh node (its own rig, store and pins): pods, then n services x nb backends in
         one apply, then one service changed. Torn down after, whatever happens."""
         uid = uuid.uuid4().hex[:6]
@@ -414,10 +419,10 @@ class Bench:
             out["rss_mib"], out["hwm_mib"] = mem["VmRSS"] / 1024, mem["VmHWM"] / 1024
             one = dict(docs[n // 2], backends=docs[n // 2]["backends"][:-1])
             out["change"] = self.atomnet_apply(node, [one], min_changes=1, timeout=300)
-            if measure_idle:
+            if idle_window:
                 before = cpu_seconds(node.daemon.pid)
-                time.sleep(self.cfg.idle_window)
-                out["idle"] = (cpu_seconds(node.daemon.pid) - before) / self.cfg.idle_window
+                time.sleep(idle_window)
+                out["idle"] = (cpu_seconds(node.daemon.pid) - before) / idle_window
             return out
         finally:
             rig.teardown()
