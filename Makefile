@@ -5,7 +5,7 @@ SHELL := /bin/bash
 
 VENV     := .venv
 PY       := $(VENV)/bin/python
-OBJDIR   := ctl/bpf/objects
+OBJDIR   := ctl/dataplane/bpf/objects
 BPF_DIR  := bpf
 BPF_SRC  := $(wildcard $(BPF_DIR)/*.c)
 BPF_HDRS := $(wildcard $(BPF_DIR)/include/*.h)
@@ -57,10 +57,10 @@ test-e2e: build
 	$(PY) -m pytest -q tests/e2e
 
 demo: build
-	$(PY) -m ctl.demo
+	$(PY) scripts/demo.py
 
 demo-clean: venv
-	$(PY) -m ctl.demo --remove
+	$(PY) scripts/demo.py --remove
 
 bench: build
 	@# matplotlib for the charts; the Debian tools of the baselines (sockperf, iptables) are

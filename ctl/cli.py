@@ -36,23 +36,26 @@ def _globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> Parser:
+    """Every verb's parser, each bound to its handler with set_defaults(func=...)."""
     common = Parser(add_help=False)
     _globals(common, suppress=True)
     p = Parser(prog="atomnet", description="eBPF container networking: pods, overlay, services, forwards")
     _globals(p, suppress=False)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
-    def verb(parent, name, help_text):
-        return parent.add_parser(name, help=help_text, parents=[common])
+    def verb(parent, name, help_text, func):
+        sub = parent.add_parser(name, help=help_text, parents=[common])
+        sub.set_defaults(func=func)
+        return sub
 
     net = verbs.add_parser("network", help="cluster network").add_subparsers(dest="action", required=True, parser_class=Parser)
-    init = verb(net, "init", "write the cluster network config (flannel format)")
+    init = verb(net, "init", "write the cluster network config (flannel format)", _network_init)
     init.add_argument("--cidr", required=True)
     init.add_argument("--subnet-len", type=int, default=24)
     init.add_argument("--service-cidr", default="10.96.0.0/12")
-    verb(net, "show", "show the network config and this node's subnet")
+    verb(net, "show", "show the network config and this node's subnet", _network_show)
 
-    d = verb(verbs, "daemon", "run the node's controller (root)")
+    d = verb(verbs, "daemon", "run the node's controller (root)", _daemon)
     d.add_argument("--uplink", help="the node's uplink interface")
     d.add_argument("--public-ip", help="this node's address on the underlay")
     d.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
@@ -66,16 +69,16 @@ def build_parser() -> Parser:
                    help="renew this long before expiry (flannel: 3600; at most half the TTL)")
 
     pod = verbs.add_parser("pod", help="pods").add_subparsers(dest="action", required=True, parser_class=Parser)
-    add = verb(pod, "add", "create a pod: namespace, veth, address")
+    add = verb(pod, "add", "create a pod: namespace, veth, address", _pod_add)
     add.add_argument("name")
     add.add_argument("--label", action="append", default=[], metavar="K=V")
     add.add_argument("--netns", help="use this existing namespace (path or name under /run/netns)")
-    rm = verb(pod, "del", "delete a pod (idempotent)")
+    rm = verb(pod, "del", "delete a pod (idempotent)", _pod_del)
     rm.add_argument("name")
-    verb(pod, "list", "list pods")
+    verb(pod, "list", "list pods", _pod_list)
 
     svc = verbs.add_parser("service", help="services").add_subparsers(dest="action", required=True, parser_class=Parser)
-    sadd = verb(svc, "add", "create a service: a stable VIP load-balanced to pods")
+    sadd = verb(svc, "add", "create a service: a stable VIP load-balanced to pods", _service_add)
     sadd.add_argument("name")
     sadd.add_argument("--port", action="append", required=True, metavar="PORT[:TARGET][/tcp|udp]")
     sadd.add_argument("--vip", help="a free address in the service CIDR (default: allocated)")
@@ -83,59 +86,59 @@ def build_parser() -> Parser:
     sadd.add_argument("--selector", action="append", default=[], metavar="K=V")
     sadd.add_argument("--affinity", metavar="client-ip[:SECONDS]")
     sadd.add_argument("--node-port", metavar="auto|N", help="also publish on every node's address (NodePort)")
-    sdel = verb(svc, "del", "delete a service (idempotent)")
+    sdel = verb(svc, "del", "delete a service (idempotent)", _service_del)
     sdel.add_argument("name")
-    verb(svc, "list", "list services")
-    sshow = verb(svc, "show", "one service with its resolved backends")
+    verb(svc, "list", "list services", _service_list)
+    sshow = verb(svc, "show", "one service with its resolved backends", _service_show)
     sshow.add_argument("name")
     fwd = verbs.add_parser("forward", help="port forwarding").add_subparsers(dest="action", required=True,
                                                                             parser_class=Parser)
-    fadd = verb(fwd, "add", "publish a pod port on this node (like docker run -p)")
+    fadd = verb(fwd, "add", "publish a pod port on this node (like docker run -p)", _forward_add)
     fadd.add_argument("target", metavar="POD:PORT")
     fadd.add_argument("--host-port", default="auto", metavar="N|auto")
     fadd.add_argument("--host-ip", help="an address of this node (default: its public IP)")
     fadd.add_argument("--proto", default="tcp", help="tcp or udp")
-    fdel = verb(fwd, "del", "remove a forward (idempotent)")
+    fdel = verb(fwd, "del", "remove a forward (idempotent)", _forward_del)
     fdel.add_argument("id")
-    verb(fwd, "list", "list forwards")
-    ap = verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}")
+    verb(fwd, "list", "list forwards", _forward_list)
+    ap = verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}", _apply)
     ap.add_argument("-f", "--file", required=True, help="FILE, or - for standard input")
     ap.add_argument("--prune", action="store_true", help="delete services the file no longer lists")
 
     prog = verbs.add_parser("prog", help="BPF programs").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(prog, "show", "programs pinned by atomnet on this node")
+    verb(prog, "show", "programs pinned by atomnet on this node", _prog_show)
     netv = verbs.add_parser("net", help="attachments").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(netv, "show", "tc BPF attachments on this node's links")
+    verb(netv, "show", "tc BPF attachments on this node's links", _net_show)
     mp = verbs.add_parser("map", help="BPF maps").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(mp, "list", "maps pinned by atomnet")
-    dump = verb(mp, "dump", "decoded entries of a map")
+    verb(mp, "list", "maps pinned by atomnet", _map_list)
+    dump = verb(mp, "dump", "decoded entries of a map", _map_dump)
     dump.add_argument("name")
     ep = verbs.add_parser("endpoint", help="endpoints").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(ep, "list", "pods programmed in this node's dataplane")
-    verb(verbs, "stats", "dataplane counters: deliveries and drops by reason, per-service traffic")
+    verb(ep, "list", "pods programmed in this node's dataplane", _endpoint_list)
+    verb(verbs, "stats", "dataplane counters: deliveries and drops by reason, per-service traffic", _stats)
     lb = verbs.add_parser("lb", help="load balancer").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(lb, "list", "service frontends -> backends, with per-backend counters")
-    exp = verb(verbs, "explain", "run the real program on a synthetic packet from a pod (changes nothing)")
+    verb(lb, "list", "service frontends -> backends, with per-backend counters", _lb_list)
+    exp = verb(verbs, "explain", "run the real program on a synthetic packet from a pod (changes nothing)", _explain)
     exp.add_argument("--from", dest="from_pod", required=True, metavar="POD")
     exp.add_argument("--to", required=True, metavar="IP:PORT[/tcp|udp]")
     exp.add_argument("--sport", type=int, help="source port of the synthetic packet (default: random)")
-    mon = verb(verbs, "monitor", "live dataplane events: drops with their reason, translations (debug)")
+    mon = verb(verbs, "monitor", "live dataplane events: drops with their reason, translations (debug)", _monitor)
     mon.add_argument("--count", type=int, help="stop after N events")
     mon.add_argument("--duration", type=float, help="stop after SECONDS")
     tun = verbs.add_parser("tunnel", help="overlay").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(tun, "list", "remote subnets reached through the VXLAN overlay")
+    verb(tun, "list", "remote subnets reached through the VXLAN overlay", _tunnel_list)
     ctv = verbs.add_parser("ct", help="conntrack").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(ctv, "list", "translated flows: tuple, translation, age, flags")
+    verb(ctv, "list", "translated flows: tuple, translation, age, flags", _ct_list)
     return p
 
 
 def _store(args):
-    from .store import open_store
+    from .state.store import open_store
     return open_store(args.store)
 
 
 def _loader(args):
-    from .bpf.loader import Loader
+    from .dataplane.bpf.loader import Loader
     return Loader(args.bpffs)
 
 
@@ -148,119 +151,141 @@ def _pod_row(pod) -> dict:
 POD_COLUMNS = ["name", "node", "ip", "netns", "ifname", "host_ifname", "mac", "labels"]
 
 
-def run(args) -> int:
-    verb = (args.verb, getattr(args, "action", None))
-    if verb == ("network", "init"):
-        from .cluster import init_network
+
+def _network_init(args) -> None:
+    from .state.cluster import init_network
+    with _store(args) as store:
+        cfg, cluster = init_network(store, args.cidr, args.subnet_len, args.service_cidr)
+    emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
+          "service_cidr": cluster.service_cidr}, args.json)
+
+
+def _network_show(args) -> None:
+    from .state.cluster import load_cluster_config, load_network, load_node
+    with _store(args) as store:
+        cfg, cluster, node = load_network(store), load_cluster_config(store), load_node(store, args.node)
+    emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
+          "service_cidr": cluster.service_cidr, "node": args.node,
+          "subnet": node.subnet if node else None}, args.json)
+
+
+def _pod_add(args) -> None:
+    from .state.model import parse_labels
+    from .node.pods import add_pod
+    labels = parse_labels(args.label)
+    with _store(args) as store:
+        emit(_pod_row(add_pod(store, args.node, args.name, labels, args.netns)), args.json, POD_COLUMNS)
+
+
+def _pod_del(args) -> None:
+    from .node.pods import delete_pod
+    with _store(args) as store:
+        gone = delete_pod(store, args.node, args.name)
+    if args.json:
+        emit([_pod_row(gone)] if gone else [], True)
+    else:
+        print(f"pod {args.name} deleted" if gone else f"pod {args.name} not found (nothing to do)")
+
+
+def _pod_list(args) -> None:
+    from .state.pods import list_pods
+    with _store(args) as store:
+        emit([_pod_row(p) for p in list_pods(store)], args.json, POD_COLUMNS, "no pods")
+
+
+def _prog_show(args) -> None:
+    from .observe.inspect import prog_show
+    emit(prog_show(_loader(args)), args.json,
+         ["id", "name", "type", "tag", "loaded_at", "map_ids", "run_cnt", "pinned"], "no programs")
+
+
+def _net_show(args) -> None:
+    from .observe.inspect import net_show
+    emit(net_show(), args.json, ["ifname", "ifindex", "direction", "prog_id", "name", "prio", "handle",
+                                 "direct_action"], "no tc BPF attachments")
+
+
+def _map_list(args) -> None:
+    from .observe.inspect import map_list
+    emit(map_list(_loader(args)), args.json,
+         ["id", "name", "type", "key_size", "value_size", "max_entries", "entries", "pinned"])
+
+
+def _map_dump(args) -> None:
+    from .observe.inspect import map_dump
+    emit(map_dump(_loader(args), args.name), args.json, ["key", "value"], "(empty)")
+
+
+def _endpoint_list(args) -> None:
+    from .observe.inspect import endpoint_list
+    from .state.pods import list_pods
+    try:
         with _store(args) as store:
-            cfg, cluster = init_network(store, args.cidr, args.subnet_len, args.service_cidr)
-        emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
-              "service_cidr": cluster.service_cidr}, args.json)
-    elif verb == ("network", "show"):
-        from .cluster import load_cluster_config, load_network, load_node
+            names = {p.ip: p.name for p in list_pods(store, args.node)}
+    except AtomnetError:
+        names = {}  # the dataplane is readable even when the store is not
+    emit(endpoint_list(_loader(args), names), args.json, empty="no endpoints")
+
+
+def _lb_list(args) -> None:
+    from .observe.inspect import lb_list
+    rows = lb_list(_loader(args), _service_port_names(args))
+    if not args.json:
+        rows = [{**r, "backends": [f"{b['ip']}:{b['port']}({b['packets']}p)" for b in r["backends"]]} for r in rows]
+    emit(rows, args.json, ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"],
+         "no services")
+
+
+def _explain(args) -> None:
+    from .observe.explain import explain
+    from .state.pods import get_pod
+    with _store(args) as store:
+        pod = get_pod(store, args.from_pod)
+    if pod is None:
+        raise AtomnetError(f"pod {args.from_pod} not found")
+    result = explain(_loader(args), pod, args.to, args.sport)
+    if args.json:
+        emit(result, True)
+    else:
+        _print_explain(result)
+
+
+def _monitor(args) -> None:
+    from .node import netplumb
+    from .observe.monitor import run_monitor
+    ifnames = {info.ifindex: name for name, info in netplumb.link_table().items()}
+    if not args.json:
+        print("monitoring dataplane events (Ctrl-C stops; translations appear when the daemon runs with "
+              "--debug-events)", file=sys.stderr)
+    run_monitor(_loader(args), args.json, sys.stdout, sys.stderr, args.count, args.duration, ifnames)
+
+
+def _tunnel_list(args) -> None:
+    from .state.cluster import list_leases
+    from .observe.inspect import tunnel_list
+    expiry = {}
+    try:
         with _store(args) as store:
-            cfg, cluster, node = load_network(store), load_cluster_config(store), load_node(store, args.node)
-        emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
-              "service_cidr": cluster.service_cidr, "node": args.node,
-              "subnet": node.subnet if node else None}, args.json)
-    elif verb[0] == "daemon":
-        return _daemon(args)
-    elif verb == ("pod", "add"):
-        from .model import parse_labels
-        from .pods import add_pod
-        labels = parse_labels(args.label)
-        with _store(args) as store:
-            emit(_pod_row(add_pod(store, args.node, args.name, labels, args.netns)), args.json, POD_COLUMNS)
-    elif verb == ("pod", "del"):
-        from .pods import delete_pod
-        with _store(args) as store:
-            gone = delete_pod(store, args.node, args.name)
-        if args.json:
-            emit([_pod_row(gone)] if gone else [], True)
-        else:
-            print(f"pod {args.name} deleted" if gone else f"pod {args.name} not found (nothing to do)")
-    elif verb == ("pod", "list"):
-        from .pods import list_pods
-        with _store(args) as store:
-            emit([_pod_row(p) for p in list_pods(store)], args.json, POD_COLUMNS, "no pods")
-    elif verb == ("prog", "show"):
-        from .inspect import prog_show
-        emit(prog_show(_loader(args)), args.json,
-             ["id", "name", "type", "tag", "loaded_at", "map_ids", "run_cnt", "pinned"], "no programs")
-    elif verb == ("net", "show"):
-        from .inspect import net_show
-        emit(net_show(), args.json, ["ifname", "ifindex", "direction", "prog_id", "name", "prio", "handle",
-                                     "direct_action"], "no tc BPF attachments")
-    elif verb == ("map", "list"):
-        from .inspect import map_list
-        emit(map_list(_loader(args)), args.json,
-             ["id", "name", "type", "key_size", "value_size", "max_entries", "entries", "pinned"])
-    elif verb == ("map", "dump"):
-        from .inspect import map_dump
-        emit(map_dump(_loader(args), args.name), args.json, ["key", "value"], "(empty)")
-    elif verb == ("endpoint", "list"):
-        from .inspect import endpoint_list
-        from .pods import list_pods
-        try:
-            with _store(args) as store:
-                names = {p.ip: p.name for p in list_pods(store, args.node)}
-        except AtomnetError:
-            names = {}  # the dataplane is readable even when the store is not
-        emit(endpoint_list(_loader(args), names), args.json, empty="no endpoints")
-    elif verb[0] == "forward":
-        _forward_verbs(args, verb)
-    elif verb[0] in ("service", "apply"):
-        _service_verbs(args, verb)
-    elif verb == ("lb", "list"):
-        from .inspect import lb_list
-        rows = lb_list(_loader(args), _service_port_names(args))
-        if not args.json:
-            rows = [{**r, "backends": [f"{b['ip']}:{b['port']}({b['packets']}p)" for b in r["backends"]]} for r in rows]
-        emit(rows, args.json, ["service", "frontend", "backends", "table_size", "affinity_timeout", "packets", "bytes"],
-             "no services")
-    elif verb[0] == "explain":
-        from .explain import explain
-        from .pods import get_pod
-        with _store(args) as store:
-            pod = get_pod(store, args.from_pod)
-        if pod is None:
-            raise AtomnetError(f"pod {args.from_pod} not found")
-        result = explain(_loader(args), pod, args.to, args.sport)
-        if args.json:
-            emit(result, True)
-        else:
-            _print_explain(result)
-    elif verb[0] == "monitor":
-        from . import netplumb
-        from .monitor import run_monitor
-        ifnames = {info.ifindex: name for name, info in netplumb.link_table().items()}
-        if not args.json:
-            print("monitoring dataplane events (Ctrl-C stops; translations appear when the daemon runs with "
-                  "--debug-events)", file=sys.stderr)
-        run_monitor(_loader(args), args.json, sys.stdout, sys.stderr, args.count, args.duration, ifnames)
-    elif verb == ("tunnel", "list"):
-        from .cluster import list_leases
-        from .inspect import tunnel_list
-        expiry = {}
-        try:
-            with _store(args) as store:
-                expiry = {lease.subnet: store.lease_ttl(lease_id) if lease_id else None
-                          for lease, lease_id in list_leases(store)}
-        except AtomnetError:
-            pass  # the dataplane is readable even when the store is not
-        emit(tunnel_list(_loader(args), expiry), args.json, empty="no remote nodes")
-    elif verb == ("ct", "list"):
-        from .inspect import ct_list
-        emit(ct_list(_loader(args)), args.json, ["dir", "proto", "src", "dst", "nat", "age_s", "idle_s",
-                                                 "packets", "flags"], "no flows")
-    elif verb[0] == "stats":
-        from .inspect import counters, lb_list
-        loader = _loader(args)
-        rows = counters(loader)
-        rows += [{"counter": f"service:{r['service']}:{r['port']}/{r['proto']}", "packets": r["packets"],
-                  "bytes": r["bytes"]} for r in lb_list(loader, _service_port_names(args))]
-        emit(rows, args.json)
-    return 0
+            expiry = {lease.subnet: store.lease_ttl(lease_id) if lease_id else None
+                      for lease, lease_id in list_leases(store)}
+    except AtomnetError:
+        pass  # the dataplane is readable even when the store is not
+    emit(tunnel_list(_loader(args), expiry), args.json, empty="no remote nodes")
+
+
+def _ct_list(args) -> None:
+    from .observe.inspect import ct_list
+    emit(ct_list(_loader(args)), args.json, ["dir", "proto", "src", "dst", "nat", "age_s", "idle_s",
+                                             "packets", "flags"], "no flows")
+
+
+def _stats(args) -> None:
+    from .observe.inspect import counters, lb_list
+    loader = _loader(args)
+    rows = counters(loader)
+    rows += [{"counter": f"service:{r['service']}:{r['port']}/{r['proto']}", "packets": r["packets"],
+              "bytes": r["bytes"]} for r in lb_list(loader, _service_port_names(args))]
+    emit(rows, args.json)
 
 
 def _print_explain(r: dict) -> None:
@@ -282,8 +307,8 @@ def _print_explain(r: dict) -> None:
 
 def _service_port_names(args) -> dict[int, str]:
     """service-port id -> service name (or forward:ID), for inspection output (the dataplane only knows ids)."""
-    from .forwards import list_forwards
-    from .services import list_services
+    from .state.forwards import list_forwards
+    from .state.services import list_services
     try:
         with _store(args) as store:
             names = {p.id: s.name for s in list_services(store) for p in s.ports}
@@ -304,49 +329,64 @@ def _service_row(shown: dict) -> dict:
     return row
 
 
-def _service_verbs(args, verb) -> None:
-    from . import services as svclib
-    from .model import BackendRef, Service, ServicePort, parse_affinity, parse_labels
+def _service_add(args) -> None:
+    from .state import services as svclib
+    from .state.model import BackendRef, Service, ServicePort, parse_affinity, parse_labels
     with _store(args) as store:
-        if verb == ("service", "add"):
-            svc = Service(name=args.name, vip=args.vip or "", ports=tuple(ServicePort.parse(p) for p in args.port),
-                          backends=tuple(BackendRef.parse(b) for b in args.backend),
-                          selector=parse_labels(args.selector), affinity_timeout=parse_affinity(args.affinity))
-            shown = svclib.show(svclib.add_service(store, svc, args.node_port), svclib.pods_by_name(store))
-            emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
-        elif verb == ("service", "del"):
-            gone = svclib.delete_service(store, args.name)
-            if args.json:
-                emit([svclib.show(gone, {})] if gone else [], True)
-            else:
-                print(f"service {args.name} deleted" if gone else f"service {args.name} not found (nothing to do)")
-        elif verb == ("service", "list"):
-            pods = svclib.pods_by_name(store)
-            shown = [svclib.show(s, pods) for s in svclib.list_services(store)]
-            emit(shown if args.json else [_service_row(s) for s in shown], args.json, SERVICE_COLUMNS, "no services")
-        elif verb == ("service", "show"):
-            svc = svclib.get_service(store, args.name)
-            if svc is None:
-                raise AtomnetError(f"service {args.name} not found")
-            shown = svclib.show(svc, svclib.pods_by_name(store))
-            emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
-        else:  # apply
-            from . import forwards as fwdlib
-            text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
-            docs = svclib.parse_documents(text)
-            for i, d in enumerate(docs):
-                if d.get("kind") not in ("service", "forward"):
-                    raise AtomnetError(f"object {i + 1}: unsupported kind {d.get('kind')!r} (supported: service, "
-                                       "forward)")
-            services = [d for d in docs if d["kind"] == "service"]
-            forwards = [d for d in docs if d["kind"] == "forward"]
-            # Everything is validated before anything is written. --prune applies to the kinds
-            # the file lists. Forwards are checked against this node's kernel: this node's only.
-            plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune) if forwards else None
-            result = svclib.apply(store, services, prune=args.prune) if services else {}
-            if plan:
-                result["forwards"] = fwdlib.apply_plan(store, plan)
-            emit(result, args.json)
+        svc = Service(name=args.name, vip=args.vip or "", ports=tuple(ServicePort.parse(p) for p in args.port),
+                      backends=tuple(BackendRef.parse(b) for b in args.backend),
+                      selector=parse_labels(args.selector), affinity_timeout=parse_affinity(args.affinity))
+        shown = svclib.show(svclib.add_service(store, svc, args.node_port), svclib.pods_by_name(store))
+    emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
+
+
+def _service_del(args) -> None:
+    from .state import services as svclib
+    with _store(args) as store:
+        gone = svclib.delete_service(store, args.name)
+    if args.json:
+        emit([svclib.show(gone, {})] if gone else [], True)
+    else:
+        print(f"service {args.name} deleted" if gone else f"service {args.name} not found (nothing to do)")
+
+
+def _service_list(args) -> None:
+    from .state import services as svclib
+    with _store(args) as store:
+        pods = svclib.pods_by_name(store)
+        shown = [svclib.show(s, pods) for s in svclib.list_services(store)]
+    emit(shown if args.json else [_service_row(s) for s in shown], args.json, SERVICE_COLUMNS, "no services")
+
+
+def _service_show(args) -> None:
+    from .state import services as svclib
+    with _store(args) as store:
+        svc = svclib.get_service(store, args.name)
+        if svc is None:
+            raise AtomnetError(f"service {args.name} not found")
+        shown = svclib.show(svc, svclib.pods_by_name(store))
+    emit(shown if args.json else _service_row(shown), args.json, SERVICE_COLUMNS)
+
+
+def _apply(args) -> None:
+    from .node import forwards as fwdlib
+    from .state import services as svclib
+    text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
+    docs = svclib.parse_documents(text)
+    for i, d in enumerate(docs):
+        if d.get("kind") not in ("service", "forward"):
+            raise AtomnetError(f"object {i + 1}: unsupported kind {d.get('kind')!r} (supported: service, "
+                               "forward)")
+    services = [d for d in docs if d["kind"] == "service"]
+    forwards = [d for d in docs if d["kind"] == "forward"]
+    with _store(args) as store:
+        # Everything is validated before anything is written. --prune applies to the kinds
+        # the file lists. Forwards are checked against this node's kernel: this node's only.
+        plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune) if forwards else None
+        result = svclib.apply(store, services, prune=args.prune) if services else {}
+        if plan:
+            result["forwards"] = fwdlib.apply_plan(store, plan)
+    emit(result, args.json)
 
 
 FORWARD_COLUMNS = ["id", "host_ip", "host_port", "proto", "pod", "port", "packets", "bytes"]
@@ -360,30 +400,37 @@ def _forward_row(fwd, counters: dict[int, tuple[int, int]] | None = None) -> dic
     return {**d, "node": fwd.node, "packets": packets, "bytes": nbytes}
 
 
-def _forward_verbs(args, verb) -> None:
-    from . import forwards as fwdlib
+def _forward_add(args) -> None:
+    from .node import forwards as fwdlib
     with _store(args) as store:
-        if verb == ("forward", "add"):
-            fwd = fwdlib.add_forward(store, args.node, args.target, args.host_port, args.host_ip, args.proto)
-            if args.json:
-                emit(_forward_row(fwd), True)
-            else:
-                print(fwd.host_port)   # like `docker port`: the port it chose is what scripts need
-        elif verb == ("forward", "del"):
-            gone = fwdlib.delete_forward(store, args.id)
-            if args.json:
-                emit([_forward_row(gone)] if gone else [], True)
-            else:
-                print(f"forward {args.id} deleted" if gone else f"forward {args.id} not found (nothing to do)")
-        else:
-            counters = {}
-            try:
-                from .inspect import lb_list
-                counters = {r["id"]: (r["packets"], r["bytes"]) for r in lb_list(_loader(args), {})}
-            except AtomnetError:
-                pass  # no dataplane on this node: list what is stored
-            emit([_forward_row(f, counters) for f in fwdlib.list_forwards(store)], args.json,
-                 FORWARD_COLUMNS + ["node"], "no forwards")
+        fwd = fwdlib.add_forward(store, args.node, args.target, args.host_port, args.host_ip, args.proto)
+    if args.json:
+        emit(_forward_row(fwd), True)
+    else:
+        print(fwd.host_port)   # like `docker port`: the port it chose is what scripts need
+
+
+def _forward_del(args) -> None:
+    from .state.forwards import delete_forward
+    with _store(args) as store:
+        gone = delete_forward(store, args.id)
+    if args.json:
+        emit([_forward_row(gone)] if gone else [], True)
+    else:
+        print(f"forward {args.id} deleted" if gone else f"forward {args.id} not found (nothing to do)")
+
+
+def _forward_list(args) -> None:
+    from .state.forwards import list_forwards
+    counters = {}
+    try:
+        from .observe.inspect import lb_list
+        counters = {r["id"]: (r["packets"], r["bytes"]) for r in lb_list(_loader(args), {})}
+    except AtomnetError:
+        pass  # no dataplane on this node: list what is stored
+    with _store(args) as store:
+        forwards = list_forwards(store)
+    emit([_forward_row(f, counters) for f in forwards], args.json, FORWARD_COLUMNS + ["node"], "no forwards")
 
 
 def _read_file(path: str) -> str:
@@ -394,7 +441,7 @@ def _read_file(path: str) -> str:
         raise AtomnetError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _daemon(args) -> int:
+def _daemon(args) -> None:
     from . import logs
     from .daemon import Daemon
     logs.configure(args.log_format, args.log_level)
@@ -403,7 +450,6 @@ def _daemon(args) -> int:
     kwargs = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("renew_margin", args.lease_renew_margin)) if v}
     Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, metrics=args.metrics,
            debug_events=args.debug_events, **kwargs).run()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import logs
         logs.configure("console", os.environ.get("ATOMNET_LOG_LEVEL", "warning"))
     try:
-        return run(args)
+        args.func(args)
+        return 0
     except AtomnetError as exc:
         msg = str(exc).strip()
         sys.stderr.write(f"atomnet: {msg}\n")

@@ -17,16 +17,17 @@ import time
 
 import structlog
 
-from . import forwards as fwdlib, netplumb, pods as podlib, services as svclib
-from .bpf import syscalls as sc, tc
-from .bpf.loader import Loader, close_loaded, ensure_bpffs
-from .cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
-from .desired import Overlay, compute
+from .node import netplumb, pods as podlib
+from .state import forwards as fwdlib, pods as podstate, services as svclib
+from .dataplane.bpf import syscalls as sc, tc
+from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
+from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
+from .dataplane.desired import Overlay, compute
 from .errors import AtomnetError
-from .metrics import Metrics
-from .reconcile import apply
-from .model import ValidationError
-from .store import Compacted, Store, StoreError, open_store
+from .observe.metrics import Metrics
+from .dataplane.reconcile import apply
+from .state.model import ValidationError
+from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
 
@@ -111,7 +112,7 @@ class Daemon:
 
     def snapshot(self) -> dict:
         """What the metrics endpoint reports, read from the pinned maps at scrape time."""
-        from . import inspect
+        from .observe import inspect
         out: dict = {}
         try:
             out["counters"] = inspect.counters(self.loader)
@@ -132,7 +133,7 @@ class Daemon:
         started = time.monotonic()
         links = netplumb.link_table()
         netdevs = [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
-        desired = compute(self.node_name, podlib.list_pods(self.store), links,
+        desired = compute(self.node_name, podstate.list_pods(self.store), links,
                           svclib.list_services(self.store), load_cluster_config(self.store),
                           leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay,
                           forwards=fwdlib.list_forwards(self.store, self.node_name), node_ip=self.node.public_ip,

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Every map, in one place. Declared the libbpf way; the loader (ctl/bpf/elf.py)
+ * Every map, in one place. Declared the libbpf way; the loader (ctl/dataplane/bpf/elf.py)
  * reads these definitions from the object's DWARF. LIBBPF_PIN_BY_NAME pins the
  * map under the node's bpffs root with its own name, so every program (and every
  * daemon generation) shares one instance.

@@ -2,7 +2,7 @@
 /*
  * The binary contract between the eBPF programs and the control plane.
  *
- * Every map key and value is defined here, once. ctl/bpf/types.py mirrors each
+ * Every map key and value is defined here, once. ctl/dataplane/bpf/types.py mirrors each
  * struct with ctypes; tests/unit/test_types_contract.py reads the DWARF of the
  * built objects and fails on any size, offset or byte-order difference.
  *

@@ -155,7 +155,7 @@ def test_flannel_node_interoperates(rig):
     # flannel publishes its lease (its format, its key, a TTL'd store lease), from its own node.
     value = json.dumps({"PublicIP": host.ip, "PublicIPv6": None, "BackendType": "vxlan",
                         "BackendData": {"VNI": 1, "VtepMAC": fl_mac}})
-    host.exec(sys.executable, "-c", "import sys; from ctl.store import open_store; s = open_store(sys.argv[1]); "
+    host.exec(sys.executable, "-c", "import sys; from ctl.state.store import open_store; s = open_store(sys.argv[1]); "
               "s.put(sys.argv[2], sys.argv[3], lease=s.grant(120))",
               store_url, "/coreos.com/network/subnets/10.244.250.0-24", value)
     n1.start_daemon()

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from ctl.bpf import syscalls as sc
-from ctl.bpf.elf import BpfObject
-from ctl.bpf.loader import Loader, close_loaded, object_path
-from ctl.bpf.types import CounterId, U32
+from ctl.dataplane.bpf import syscalls as sc
+from ctl.dataplane.bpf.elf import BpfObject
+from ctl.dataplane.bpf.loader import Loader, close_loaded, object_path
+from ctl.dataplane.bpf.types import CounterId, U32
 from tests.conftest import require_root
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -62,10 +62,10 @@ def harness(tmp_path):
 def program_service(h: Harness, vip: str, port: int, proto: str, backends: list[tuple[str, int]], sid: int = 1,
                     affinity: int = 0, table_size: int = 251) -> None:
     """Programs one service port the way the daemon does (reconcile's Maglev swap), straight into the maps."""
-    from ctl.bpf.types import BackendKey, Counter, ServiceInfo, ServiceKey
-    from ctl.desired import MaglevSpec
-    from ctl.model import PROTOCOLS
-    from ctl.reconcile import sync_maglev
+    from ctl.dataplane.bpf.types import BackendKey, Counter, ServiceInfo, ServiceKey
+    from ctl.dataplane.desired import MaglevSpec
+    from ctl.state.model import PROTOCOLS
+    from ctl.dataplane.reconcile import sync_maglev
 
     spec = MaglevSpec(table_size, tuple(sorted(backends)), 0)
     sync_maglev(h.maps["maglev"], {sid: spec}, {}, set())
@@ -81,7 +81,7 @@ def program_service(h: Harness, vip: str, port: int, proto: str, backends: list[
 
 def set_service_cidr(h: Harness, cidr: str) -> None:
     import ipaddress
-    from ctl.bpf.types import Config
+    from ctl.dataplane.bpf.types import Config
     net = ipaddress.IPv4Network(cidr)
     h.maps["config"].put(U32(value=0), Config.from_dict({"service_net": str(net.network_address),
                                                           "service_mask": str(net.netmask)}))

@@ -7,7 +7,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from ctl.bpf.types import CounterId, EndpointInfo, EndpointKey
+from ctl.dataplane.bpf.types import CounterId, EndpointInfo, EndpointKey
 from tests.prog.conftest import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 
 POD_A = dict(ip="10.244.1.2", ifindex=11, mac="02:00:00:00:00:0a", node_mac="02:00:00:00:01:0a")

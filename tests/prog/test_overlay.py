@@ -7,7 +7,7 @@ from __future__ import annotations
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from ctl.bpf.types import Config, CounterId, TunnelInfo, TunnelKey, U32
+from ctl.dataplane.bpf.types import Config, CounterId, TunnelInfo, TunnelKey, U32
 from tests.prog.conftest import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, program_service
 from tests.prog.test_services import A, VIP, checksums_ok, setup
 

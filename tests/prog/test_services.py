@@ -7,7 +7,7 @@ from scapy.layers.inet import ICMP, IP, IPerror, TCP, UDP, UDPerror, defragment,
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from ctl.bpf.types import BackendKey, CounterId, EndpointInfo, EndpointKey
+from ctl.dataplane.bpf.types import BackendKey, CounterId, EndpointInfo, EndpointKey
 from tests.prog.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, program_service, set_service_cidr
 
 VIP = "10.96.0.10"

@@ -4,10 +4,10 @@ import multiprocessing as mp
 
 import pytest
 
-from ctl import cluster
+from ctl.state import cluster
 from ctl.errors import AtomnetError
-from ctl.model import NetworkConfig
-from ctl.store import open_store
+from ctl.state.model import NetworkConfig
+from ctl.state.store import open_store
 
 
 @pytest.fixture

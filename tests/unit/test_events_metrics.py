@@ -2,9 +2,9 @@
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ctl.bpf.types import CounterId, Event, EventType
-from ctl.metrics import DataplaneCollector, Metrics
-from ctl.monitor import decode, format_line
+from ctl.dataplane.bpf.types import CounterId, Event, EventType
+from ctl.observe.metrics import DataplaneCollector, Metrics
+from ctl.observe.monitor import decode, format_line
 
 
 def event_bytes(**fields) -> bytes:

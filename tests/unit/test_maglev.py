@@ -1,4 +1,4 @@
-"""Maglev table (ctl/maglev.py): the paper's populate loop, balance, minimal disruption,
+"""Maglev table (ctl/dataplane/maglev.py): the paper's populate loop, balance, minimal disruption,
 stable hashing (no dependence on PYTHONHASHSEED) and edge cases. Pure: no root."""
 import hashlib
 import json
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctl import maglev
-from ctl.maglev import TABLE_SIZE, disruption, table, table_size_for
+from ctl.dataplane import maglev
+from ctl.dataplane.maglev import TABLE_SIZE, disruption, table, table_size_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_PRIMES = [2, 3, 5, 7, 11, 13, 31, 101, 251, 509, 1021]
@@ -186,7 +186,7 @@ def test_same_input_same_table():
 
 def test_independent_of_pythonhashseed():
     code = (
-        "import json; from ctl.maglev import table\n"
+        "import json; from ctl.dataplane.maglev import table\n"
         "b = sorted(f'10.244.{i // 250}.{i % 250 + 2}:8080' for i in range(10))\n"
         "print(json.dumps([table(b), table(b, 1021, {b[0]: 2, b[3]: 0})]))\n"
     )

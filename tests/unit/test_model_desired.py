@@ -1,10 +1,11 @@
 """Pure logic: validation, names, the desired-state function and the map diff."""
 import pytest
 
-from ctl.desired import LinkInfo, compute, freeze
-from ctl.model import (NetworkConfig, Pod, ValidationError, host_ifname, parse_labels, validate_name,
+from ctl.dataplane.desired import compute, freeze
+from ctl.node.netplumb import LinkInfo
+from ctl.state.model import (NetworkConfig, Pod, ValidationError, host_ifname, parse_labels, validate_name,
                        vtep_mac)
-from ctl.reconcile import diff
+from ctl.dataplane.reconcile import diff
 
 
 def pod(name, node="n1", ip="10.244.1.2", labels=None):

@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from ctl import cluster, services as svclib
-from ctl.desired import compute, freeze
+from ctl.state import cluster, services as svclib
+from ctl.dataplane.desired import compute, freeze
 from ctl.errors import AtomnetError
-from ctl.model import (BackendRef, ClusterConfig, Pod, Service, ServicePort, ValidationError, host_ifname,
+from ctl.state.model import (BackendRef, ClusterConfig, Pod, Service, ServicePort, ValidationError, host_ifname,
                        parse_affinity)
-from ctl.store import open_store
+from ctl.state.store import open_store
 
 
 @pytest.fixture
@@ -153,12 +153,12 @@ def test_desired_services_maps():
     pods = [Pod("w1", "n1", "10.244.1.2", "/run/netns/w1", host_ifname("w1"), "02:00:00:00:00:01", {"app": "w"}),
             Pod("w2", "n2", "10.244.2.2", "/run/netns/w2", host_ifname("w2"), "02:00:00:00:00:02", {"app": "w"}),
             Pod("w3", "n1", "10.244.1.3", "/run/netns/w3", host_ifname("w3"), "02:00:00:00:00:03", {"app": "w"})]
-    from ctl.desired import LinkInfo
+    from ctl.node.netplumb import LinkInfo
     links = {host_ifname("w1"): LinkInfo(5, "02:aa:00:00:00:05")}   # w3's veth is not there (yet)
     s = Service("web", "10.96.0.10", (ServicePort(80, 8080, "tcp", id=7),), selector={"app": "w"},
                 affinity_timeout=600)
-    from ctl.desired import Overlay
-    from ctl.model import Lease
+    from ctl.dataplane.desired import Overlay
+    from ctl.state.model import Lease
     leases = [Lease("10.244.1.0/24", "192.168.100.1", 1, "02:00:00:00:01:01"),
               Lease("10.244.2.0/24", "192.168.100.2", 1, "02:00:00:00:02:02")]
     d = compute("n1", pods, links, [s], ClusterConfig(), table_size_for=lambda n: 251, leases=leases,

@@ -1,4 +1,4 @@
-"""Contract tests for ctl.store: every backend must pass the same suite.
+"""Contract tests for ctl.state.store: every backend must pass the same suite.
 
 Tests take the ``store`` fixture (or ``store_url`` when they open the store
 from several processes); both are parametrized over BACKENDS, so a new
@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from ctl.store import Compacted, Event, SqliteStore, StoreError, open_store
+from ctl.state.store import Compacted, Event, SqliteStore, StoreError, open_store
 from tests.etcd_server import EtcdServer, _free_ports, etcd_available
 
 

@@ -1,13 +1,13 @@
-"""The binary contract: every ctypes mirror in ctl/bpf/types.py matches the DWARF of the
+"""The binary contract: every ctypes mirror in ctl/dataplane/bpf/types.py matches the DWARF of the
 built objects (sizes, member offsets and sizes, byte order), and every map's key/value
 type has a mirror. No root needed: this only reads the objects."""
 import ctypes as ct
 
 import pytest
 
-from ctl.bpf.elf import BpfObject, ObjectError
-from ctl.bpf.loader import OBJECT_NAMES, object_path
-from ctl.bpf.types import BE16, ENUMS, IPV4, MIRRORS
+from ctl.dataplane.bpf.elf import BpfObject, ObjectError
+from ctl.dataplane.bpf.loader import OBJECT_NAMES, object_path
+from ctl.dataplane.bpf.types import BE16, ENUMS, IPV4, MIRRORS
 
 
 @pytest.fixture(scope="module", params=OBJECT_NAMES)

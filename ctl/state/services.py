@@ -13,7 +13,7 @@ from dataclasses import replace
 import structlog
 
 from . import cluster
-from .errors import AtomnetError
+from ..errors import AtomnetError
 from .model import (NODEPORTS_PREFIX, PODS_PREFIX, SERVICE_PORT_ID_KEY, SERVICES_PREFIX, VIPS_PREFIX, Pod,
                     Service, ServicePort, ValidationError, parse_port_range, resolve_backends)
 from .store import Store

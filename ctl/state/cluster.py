@@ -11,7 +11,7 @@ import random
 
 import structlog
 
-from .errors import AtomnetError
+from ..errors import AtomnetError
 from .model import (ATOMNET_CONFIG_KEY, IPAM_PREFIX, NETWORK_CONFIG_KEY, NODES_PREFIX, SUBNETS_PREFIX,
                     ClusterConfig, Lease, NetworkConfig, Node, ValidationError, pod_addresses, subnet_key)
 from .store import Store

@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import netplumb
-from .bpf import syscalls as sc, tc
-from .bpf.loader import Loader, map_catalog, open_map
-from .bpf.maps import Map
-from .bpf.types import CounterId
-from .errors import AtomnetError
-from .netlink import dump
+from ..node import netplumb
+from ..dataplane.bpf import syscalls as sc, tc
+from ..dataplane.bpf.loader import Loader, map_catalog, open_map
+from ..dataplane.bpf.maps import Map
+from ..dataplane.bpf.types import CounterId
+from ..errors import AtomnetError
+from ..node.netlink import dump
 
 
 def _pins(loader: Loader, kind: str) -> list[Path]:
@@ -156,7 +156,7 @@ def lb_list(loader: Loader, service_names: dict[int, str]) -> list[dict]:
 
 def ct_list(loader: Loader) -> list[dict]:
     """Decoded conntrack: the tuple as seen, the translation, age and flags."""
-    from .bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT
+    from ..dataplane.bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT
     now = _monotonic_ns()
     out = []
     for e in map_dump(loader, "conntrack"):

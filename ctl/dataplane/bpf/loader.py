@@ -22,7 +22,7 @@ import structlog
 from . import syscalls as sc
 from .elf import BpfObject, MapDef, patch_map_fds
 from .maps import Map, copy_entries, mirror, possible_cpus
-from ..errors import AtomnetError
+from ...errors import AtomnetError
 
 log = structlog.get_logger("atomnet.loader")
 

@@ -9,30 +9,14 @@ from __future__ import annotations
 import structlog
 
 from . import hostports, pods as podlib
-from .errors import AtomnetError
-from .model import (FORWARDS_PREFIX, HOSTPORTS_PREFIX, PODS_PREFIX, PROTOCOLS, Forward, Pod, ValidationError,
+from ..errors import AtomnetError
+from ..state.model import (FORWARDS_PREFIX, HOSTPORTS_PREFIX, PODS_PREFIX, PROTOCOLS, Forward, Pod, ValidationError,
                     forward_id, parse_port)
-from .services import reserve_ids
-from .store import Store
+from ..state.services import reserve_ids
+from ..state.forwards import claim_key, delete_forward, list_forwards, parse_target
+from ..state.store import Store
 
 log = structlog.get_logger("atomnet.forwards")
-
-
-def parse_target(text: str) -> tuple[str, int]:
-    pod, sep, port = text.rpartition(":")
-    if not sep or not pod:
-        raise ValidationError(f"invalid target {text!r}: use POD:PORT")
-    return pod, parse_port(port, "pod port")
-
-
-def list_forwards(store: Store, node: str | None = None) -> list[Forward]:
-    kvs, _ = store.list(FORWARDS_PREFIX)
-    out = [Forward.from_json(kv.value) for kv in kvs]
-    return [f for f in out if node is None or f.node == node]
-
-
-def _claim_key(node: str, proto: str, port: int) -> str:
-    return f"{HOSTPORTS_PREFIX}{node}/{proto}/{port}"
 
 
 def _pick_port(store: Store, node: str, proto: str, host_ip: str) -> int:
@@ -45,7 +29,7 @@ def _pick_port(store: Store, node: str, proto: str, host_ip: str) -> int:
     for port in range(lo, hi + 1):
         if port in reserved or port in bound or port in taken:
             continue
-        if store.create(_claim_key(node, proto, port), forward_id(node, proto, port)):
+        if store.create(claim_key(node, proto, port), forward_id(node, proto, port)):
             return port
     raise AtomnetError(f"no free {proto} port left in the ephemeral range {lo}-{hi}")
 
@@ -82,7 +66,7 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
     if port is None:
         port = _pick_port(store, node_name, proto, host_ip)
     else:
-        if not store.create(_claim_key(node_name, proto, port), forward_id(node_name, proto, port)):
+        if not store.create(claim_key(node_name, proto, port), forward_id(node_name, proto, port)):
             raise AtomnetError(f"host port {port}/{proto} is already forwarded on node {node_name} "
                                f"(forward {forward_id(node_name, proto, port)})")
     try:
@@ -91,19 +75,9 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
         if not store.create(FORWARDS_PREFIX + fwd.id, fwd.to_json()):
             raise AtomnetError(f"forward {fwd.id} already exists")
     except BaseException:
-        store.delete(_claim_key(node_name, proto, port))
+        store.delete(claim_key(node_name, proto, port))
         raise
     log.info("forward_added", id=fwd.id, host=f"{host_ip}:{port}/{proto}", pod=f"{pod_name}:{pod_port}")
-    return fwd
-
-
-def delete_forward(store: Store, forward: str) -> Forward | None:
-    kv = store.get(FORWARDS_PREFIX + forward)
-    if kv is None:
-        return None
-    fwd = Forward.from_json(kv.value)
-    store.put_many([], deletes=[FORWARDS_PREFIX + fwd.id, _claim_key(fwd.node, fwd.proto, fwd.host_port)])
-    log.info("forward_deleted", id=fwd.id)
     return fwd
 
 

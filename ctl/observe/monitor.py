@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from .bpf import syscalls as sc
-from .bpf.loader import Loader, map_catalog, open_map
-from .bpf.maps import possible_cpus
-from .bpf.types import U32, CounterId, Event, EventType
-from .errors import AtomnetError
+from ..dataplane.bpf import syscalls as sc
+from ..dataplane.bpf.loader import Loader, map_catalog, open_map
+from ..dataplane.bpf.maps import possible_cpus
+from ..dataplane.bpf.types import U32, CounterId, Event, EventType
+from ..errors import AtomnetError
 
 PROTO = {6: "tcp", 17: "udp", 1: "icmp"}
 

@@ -20,7 +20,7 @@ from .bpf import syscalls as sc
 from .bpf.maps import Map
 from .bpf.types import BackendAddr, CtDir, U32
 from .desired import KEY_ONLY_MAPS, OWNED_MAPS, Desired, Frozen, MaglevSpec, freeze
-from .model import PROTOCOLS
+from ..state.model import PROTOCOLS
 
 log = structlog.get_logger("atomnet.reconcile")
 

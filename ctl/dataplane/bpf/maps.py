@@ -8,7 +8,7 @@ from typing import Iterator
 
 from . import syscalls as sc
 from .types import MIRRORS, Mirror
-from ..errors import AtomnetError
+from ...errors import AtomnetError
 
 
 @cache
@@ -25,7 +25,7 @@ def possible_cpus() -> int:
 def mirror(type_name: str, size: int) -> type[Mirror]:
     cls = MIRRORS.get(type_name)
     if cls is None:
-        raise AtomnetError(f"no Python mirror for C type {type_name}: add it to ctl/bpf/types.py")
+        raise AtomnetError(f"no Python mirror for C type {type_name}: add it to ctl/dataplane/bpf/types.py")
     if ct.sizeof(cls) != size:
         raise AtomnetError(f"mirror {cls.__name__} is {ct.sizeof(cls)} bytes, the map says {size}")
     return cls

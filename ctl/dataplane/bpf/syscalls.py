@@ -10,7 +10,7 @@ import ctypes as ct
 import errno
 import os
 
-from ..errors import AtomnetError
+from ...errors import AtomnetError
 
 try:
     from bcc import libbcc as _libbcc

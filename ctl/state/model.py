@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import AtomnetError
+from ..errors import AtomnetError
 
 NETWORK_CONFIG_KEY = "/coreos.com/network/config"
 SUBNETS_PREFIX = "/coreos.com/network/subnets/"

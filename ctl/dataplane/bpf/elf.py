@@ -16,7 +16,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
-from ..errors import AtomnetError
+from ...errors import AtomnetError
 
 BPF_INSN_SIZE = 8
 BPF_LD_IMM64 = 0x18

@@ -17,9 +17,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetNS, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .desired import LinkInfo
-from .errors import AtomnetError
-from .model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
+from ..errors import AtomnetError
+from ..state.model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
 from .netlink import dump
 
 NETNS_DIR = Path("/run/netns")
@@ -33,6 +32,13 @@ class Uplink:
     ifname: str
     ip: str
     mtu: int
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """A link of this node as the dataplane needs it."""
+    ifindex: int
+    mac: str
 
 
 @contextmanager

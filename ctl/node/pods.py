@@ -1,4 +1,4 @@
-"""Pod lifecycle: the CNI-like part of atomnet. `pod add` plumbs the pod itself (it runs
+"""Pod lifecycle on this node: the CNI-like part of atomnet. `pod add` plumbs the pod itself (it runs
 as root on the node, like a CNI plugin); the daemon then programs the dataplane for it.
 
 add: validate -> claim address -> namespace + veth -> claim the name (create-if-absent).
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import structlog
 
-from . import cluster, netplumb
-from .errors import AtomnetError
-from .model import PODS_PREFIX, Node, Pod, host_ifname, validate_name, vtep_mac
-from .store import Store
+from ..state import cluster
+from . import netplumb
+from ..errors import AtomnetError
+from ..state.model import PODS_PREFIX, Node, Pod, host_ifname, validate_name, vtep_mac
+from ..state.pods import get_pod
+from ..state.store import Store
 
 log = structlog.get_logger("atomnet.pods")
 
@@ -39,17 +41,6 @@ def local_node(store: Store, name: str) -> Node:
     if node is None:
         node, _ = ensure_node(store, name)
     return node
-
-
-def get_pod(store: Store, name: str) -> Pod | None:
-    kv = store.get(PODS_PREFIX + name)
-    return Pod.from_json(kv.value) if kv else None
-
-
-def list_pods(store: Store, node: str | None = None) -> list[Pod]:
-    kvs, _ = store.list(PODS_PREFIX)
-    pods = [Pod.from_json(kv.value) for kv in kvs]
-    return [p for p in pods if node is None or p.node == node]
 
 
 def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], netns: str | None = None) -> Pod:

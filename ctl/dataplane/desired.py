@@ -11,7 +11,8 @@ import zlib
 from dataclasses import dataclass, field
 
 from .bpf.types import CFG_F_DEBUG_EVENTS
-from .model import PROTOCOLS, ClusterConfig, Forward, Lease, Pod, Service, resolve_backends
+from ..node.netplumb import LinkInfo
+from ..state.model import PROTOCOLS, ClusterConfig, Forward, Lease, Pod, Service, resolve_backends
 
 Frozen = tuple  # tuple of (field, value) pairs, sorted by field
 
@@ -25,12 +26,6 @@ KEY_ONLY_MAPS = ("backends",)
 
 def freeze(d: dict) -> Frozen:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
-
-
-@dataclass(frozen=True)
-class LinkInfo:
-    ifindex: int
-    mac: str
 
 
 @dataclass(frozen=True)

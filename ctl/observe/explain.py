@@ -14,14 +14,15 @@ import random
 import struct
 from dataclasses import dataclass
 
-from . import netplumb, packets
-from .bpf import syscalls as sc
-from .bpf.elf import BpfObject
-from .bpf.loader import Loader, create_map, load_program, map_catalog, object_path, open_map
-from .bpf.maps import Map, copy_entries, mirror
-from .bpf.types import CounterId, CtDir, CtKey
-from .errors import AtomnetError
-from .model import PROTOCOLS, ValidationError
+from ..node import netplumb
+from . import packets
+from ..dataplane.bpf import syscalls as sc
+from ..dataplane.bpf.elf import BpfObject
+from ..dataplane.bpf.loader import Loader, create_map, load_program, map_catalog, object_path, open_map
+from ..dataplane.bpf.maps import Map, copy_entries, mirror
+from ..dataplane.bpf.types import CounterId, CtDir, CtKey
+from ..errors import AtomnetError
+from ..state.model import PROTOCOLS, ValidationError
 
 SCRATCH = ("counters", "conntrack", "affinity", "fragments", "backends", "events")
 VERDICTS = {0: "pass to the node's stack", 2: "drop", 7: "redirect"}

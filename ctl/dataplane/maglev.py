@@ -5,7 +5,7 @@ NSDI 2016, section 3.4 -- the same table Cilium and Katran fill into a BPF map.
 A flow's hash picks a slot, ``table[hash % size]`` is an index into the service's
 backend list. The control plane computes the table here; the dataplane stores one
 value per slot: ``size * 4`` bytes per service port as a ``__u32`` backend index (64 KiB
-at the default size), ``size * 8`` as ``struct backend_addr`` (what ctl/reconcile.py
+at the default size), ``size * 8`` as ``struct backend_addr`` (what ctl/dataplane/reconcile.py
 writes today: 128 KiB).
 
 Public API::
@@ -13,7 +13,7 @@ Public API::
     TABLE_SIZE = 16381
     table(backends, size=TABLE_SIZE, weights=None) -> list[int]
     disruption(old, old_backends, new, new_backends) -> float
-    table_size_for(backend_count) -> int     # the size ctl/desired.py asks for
+    table_size_for(backend_count) -> int     # the size ctl/dataplane/desired.py asks for
 
 Callers pass a STABLE, SORTED list of backend identities (e.g. ``"10.244.1.5:8080"``),
 and the same list (same order) to the BPF map, because table entries are indexes

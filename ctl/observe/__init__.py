@@ -1,0 +1,1 @@
+"""Looking at the live dataplane: inspect, explain, monitor, metrics."""
