@@ -41,6 +41,12 @@ $(VENV)/.installed: pyproject.toml
 
 build: setup $(BPF_OBJS)
 
+# Maglev's populate loop, compiled for the host (ctl/dataplane/native/maglev.c, loaded with ctypes).
+MAGLEV_SO := ctl/dataplane/native/_maglev.so
+build: $(MAGLEV_SO)
+$(MAGLEV_SO): ctl/dataplane/native/maglev.c
+	$(CLANG) -O2 -Wall -Werror -shared -fPIC $< -o $@
+
 $(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
 	@command -v $(CLANG) >/dev/null || { echo "clang not found: apt-get install clang llvm" >&2; exit 1; }
 	@mkdir -p $(OBJDIR)

@@ -5,36 +5,60 @@ Start-up order is what keeps traffic flowing across restarts and upgrades:
   2. fill the maps from the store (a new map is full before any program sees it);
   3. `tc filter replace` every attachment in place (same handle/prio: no gap);
   4. pin the new programs (and any new maps).
-Then it watches the store and reconciles on every change, and every RESYNC seconds
-anyway (links can change under it). SIGTERM stops it and leaves the programs attached
-and the maps pinned: the dataplane keeps forwarding with the last state.
+SIGTERM stops it and leaves the programs attached and the maps pinned: the dataplane keeps
+forwarding with the last state.
+
+Event-driven, in three stages:
+  sources   threads that block on something and put events on one queue: the store watch
+            (ctl/state/store, from a revision), netlink link events (ctl/node/linkwatch.py);
+  dispatch  the main thread takes events off the queue, collects a burst for a short window
+            (kube-proxy's min sync period) and hands each store event to the subscriber of its
+            key prefix (`subscribe`), which decodes only that value and updates the model;
+  sync      the incremental desired-state model (ctl/dataplane/desired.Model) recomputes only
+            what the changes touched; its pending changes go to the kernel through the map
+            caches (ctl/dataplane/reconcile.Reconciler), which write only what differs.
+A drift check (DRIFT_SECONDS) compares the model with a from-scratch computation and the
+caches with the kernel, and repairs (logged, counted) whatever differs.
+
+A subsystem that needs store changes calls `subscribe(prefix, handler)` before `run()`;
+handler(key, value_or_None) runs on the main thread. A new kind of desired-state source
+is a `set_X` input and a `_contrib_X` method on the Model (see its header).
 """
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import time
+from typing import Callable
 
 import structlog
 
-from .node import netplumb, pods as podlib
-from .state import forwards as fwdlib, pods as podstate, services as svclib
+from .node import linkwatch, netplumb, pods as podlib
 from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
-from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
-from .dataplane.desired import Overlay, compute
+from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, load_network
+from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
 from .errors import AtomnetError
 from .observe.metrics import Metrics
-from .dataplane.reconcile import apply
-from .state.model import ValidationError
+from .dataplane.reconcile import Reconciler
+from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
+                          SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError)
 from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
 
-# A full resync (recompute everything, re-read every map) catches what no store event
-# reports (a link that vanished); events drive everything else, so it can be rare: at
-# 10 000 services a pass costs about a second of CPU.
-RESYNC_SECONDS = 30.0
+# Events arriving within this long of each other are one sync (a burst such as `apply -f`
+# becomes one write per map), but a sync never waits longer than BATCH_MAX for quiet.
+BATCH_WINDOW = 0.005
+BATCH_MAX = 0.1
+# The rare full comparison (model against from scratch, caches against the kernel).
+DRIFT_SECONDS = 300.0
+# Kept for the benchmark harness: the longest the daemon sleeps between two looks at the
+# world when nothing happens (the store watch and netlink wake it otherwise).
+RESYNC_SECONDS = DRIFT_SECONDS
+WATCH_TIMEOUT = 5.0
 
 
 RETRY_MAX_SECONDS = 30.0
@@ -61,6 +85,62 @@ class Daemon:
         self.metrics_address = metrics
         self.debug_events = debug_events
         self.metrics = Metrics()
+        self.model = Model(node_name, debug_events=debug_events)
+        self.reconciler: Reconciler | None = None
+        self.events: queue.Queue = queue.Queue()     # (kind, payload) from the source threads
+        self.subscribers: list[tuple[str, Callable[[str, str | None], None]]] = []
+        self.revision = 0
+        self.last_drift = time.monotonic()
+        self.subscribe(PODS_PREFIX, self._on_pod)
+        self.subscribe(SERVICES_PREFIX, self._on_service)
+        self.subscribe(FORWARDS_PREFIX, self._on_forward)
+        self.subscribe(SUBNETS_PREFIX, self._on_lease)
+        self.subscribe(ATOMNET_CONFIG_KEY, self._on_cluster_config)
+        self.subscribe(NETWORK_CONFIG_KEY, lambda key, value: None)   # VNI/port: re-read on SIGHUP
+
+    # ---------------------------------------------------------------- store subscriptions
+    def subscribe(self, prefix: str, handler: Callable[[str, str | None], None]) -> None:
+        """handler(key, value or None) for every change under prefix (main thread). The
+        initial content is delivered the same way, at start."""
+        self.subscribers.append((prefix, handler))
+
+    def _dispatch(self, key: str, value: str | None) -> None:
+        for prefix, handler in self.subscribers:
+            if key.startswith(prefix):
+                try:
+                    handler(key, value)
+                except (ValidationError, ValueError, TypeError, KeyError) as exc:
+                    log.warning("store_value_malformed", key=key, error=str(exc))
+
+    def _on_pod(self, key: str, value: str | None) -> None:
+        name = key[len(PODS_PREFIX):]
+        self.model.set_pod(name, Pod.from_json(value) if value is not None else None)
+
+    def _on_service(self, key: str, value: str | None) -> None:
+        name = key[len(SERVICES_PREFIX):]
+        self.model.set_service(name, Service.from_json(value) if value is not None else None)
+
+    def _on_forward(self, key: str, value: str | None) -> None:
+        fid = key[len(FORWARDS_PREFIX):]
+        self.model.set_forward(fid, Forward.from_json(value) if value is not None else None)
+
+    def _on_lease(self, key: str, value: str | None) -> None:
+        lease = Lease.from_kv(key, value) if value is not None else None
+        from .state.model import subnet_from_key
+        self.model.set_lease(str(subnet_from_key(key)), lease)
+
+    def _on_cluster_config(self, key: str, value: str | None) -> None:
+        self.model.set_node(cluster=ClusterConfig.from_json(value) if value is not None else ClusterConfig())
+
+    def load_all(self) -> None:
+        """The subscribed prefixes' content at one revision; watching continues from there."""
+        revision = 0
+        for prefix, _ in self.subscribers:
+            kvs, rev = self.store.list(prefix)
+            revision = max(revision, rev)
+            for kv in kvs:
+                self._dispatch(kv.key, kv.value)
+        self.revision = revision + 1
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -81,6 +161,12 @@ class Daemon:
         log.info("node_ready", node=self.node.name, subnet=self.node.subnet, public_ip=self.node.public_ip,
                  uplink=self.node.uplink, pod_mtu=self.node.pod_mtu, overlay=netplumb.overlay_ifname(self.network.vni))
         self.loaded = self.loader.load()
+        self.model.set_node(cluster=load_cluster_config(self.store), overlay=self.overlay,
+                            node_ip=self.node.public_ip, netdevs=self._netdevs())
+        # Subscribed to link events before the dump: a link that changes in between is reported.
+        self.linkwatch = linkwatch.LinkWatch(lambda ifname, link: self.events.put(("link", (ifname, link))))
+        self.model.set_links(netplumb.link_table())   # then netlink events keep it current
+        self.load_all()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         log.info("dataplane_ready", bpffs=str(self.loader.root),
@@ -111,45 +197,78 @@ class Daemon:
         self.overlay = Overlay(ifindex, self.network.vni, self.node.vtep_mac, self.node.subnet)
 
     def snapshot(self) -> dict:
-        """What the metrics endpoint reports, read from the pinned maps at scrape time."""
+        """What the metrics endpoint reports: map sizes from the caches, counters read from
+        the kernel at scrape time (batch lookups), names from the model."""
         from .observe import inspect
+        from .observe.metrics import frontend_counters
         out: dict = {}
         try:
             out["counters"] = inspect.counters(self.loader)
-            out["maps"] = inspect.map_list(self.loader)
-            names = {p.id: s.name for s in svclib.list_services(self.store) for p in s.ports}
-            names.update({f.service_id: f"forward:{f.id}" for f in fwdlib.list_forwards(self.store)})
-            out["services"] = inspect.lb_list(self.loader, names)
+            rec = self.reconciler
+            if rec is not None:
+                out["maps"] = [{"name": n, "entries": len(c), "max_entries": c.map.info.max_entries}
+                               for n, c in rec.caches.items()]
+                names = {p.id: s.name for s in list(self.model.services.values()) for p in s.ports}
+                names.update({f.service_id: f"forward:{f.id}" for f in list(self.model.forwards.values())})
+                out["services"] = frontend_counters(rec.maps["backends"], rec.caches["services"].cache, names)
+                out["drift_repairs"] = rec.drift_repairs
             out["lease"] = {"subnet": self.node.subnet, "remaining": self.store.lease_ttl(self.lease_id)}
         except AtomnetError as exc:   # before the first pin, or the store away: report what there is
             log.debug("metrics_partial", error=str(exc))
         return out
 
     def reconcile(self, force_attach: bool = False) -> None:
+        """One sync: the model's pending changes (all of them, the first time) to the kernel."""
         with self.metrics.time_reconcile():
             self._reconcile(force_attach)
 
     def _reconcile(self, force_attach: bool = False) -> None:
         started = time.monotonic()
-        links = netplumb.link_table()
-        netdevs = [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
-        desired = compute(self.node_name, podstate.list_pods(self.store), links,
-                          svclib.list_services(self.store), load_cluster_config(self.store),
-                          leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay,
-                          forwards=fwdlib.list_forwards(self.store, self.node_name), node_ip=self.node.public_ip,
-                          netdevs=netdevs, debug_events=self.debug_events)
-        for name in desired.missing_links:
-            log.warning("pod_link_missing", pod=name)
-        diffs = apply(self.loaded.maps, desired)
-        attached = self.sync_attachments(desired.ingress, tc.INGRESS, force_attach)
-        attached += self.sync_attachments(desired.egress, tc.EGRESS, force_attach)
-        changes = sum(len(d) for d in diffs.values()) + attached
-        if changes:
-            log.info("reconciled", changes=changes, seconds=round(time.monotonic() - started, 4))
+        self.model.update()
+        if self.reconciler is None or force_attach:
+            self.reconciler = self.reconciler or Reconciler(self.loaded.maps)
+            self.model.drain()
+            desired = self.model.snapshot()
+            changes = self.reconciler.initial_changes(desired)
+            wanted_in, wanted_eg = desired.ingress, desired.egress
+            for name in desired.missing_links:
+                log.warning("pod_link_missing", pod=name)
+        else:
+            changes = self.model.drain()
+            wanted_in = {k: v for k, v in changes.pop(INGRESS, {}).items() if v is not None}
+            wanted_eg = {k: v for k, v in changes.pop(EGRESS, {}).items() if v is not None}
+        if not any(changes.values()) and not wanted_in and not wanted_eg:
+            return
+        res = self.reconciler.apply(changes)
+        attached = self.sync_attachments(wanted_in, tc.INGRESS, force_attach)
+        attached += self.sync_attachments(wanted_eg, tc.EGRESS, force_attach)
+        total = res.total + attached
+        if total:
+            log.info("reconciled", changes=total, tables_built=res.tables_built,
+                     seconds=round(time.monotonic() - started, 4))
+
+    def drift_check(self) -> None:
+        """The rare full comparison. The model is checked against a from-scratch computation
+        of the same inputs (a difference is a bug: logged, and the model rebuilt), then the
+        kernel against the caches and the caches against that computation."""
+        m = self.model
+        scratch = compute(self.node_name, list(m.pods.values()), m.links, list(m.services.values()), m.cluster,
+                          leases=list(m.leases.values()), overlay=m.overlay, forwards=list(m.forwards.values()),
+                          node_ip=m.node_ip, netdevs=list(m.netdevs), debug_events=m.debug_events)
+        mine = m.snapshot()
+        if mine.maps != scratch.maps or mine.maglev != scratch.maglev:
+            log.error("desired_model_drift", note="incremental model differs from the from-scratch computation")
+            self.metrics.drift_repairs.labels(kind="model").inc()
+        repairs = self.reconciler.drift_check(scratch)
+        if repairs:
+            self.metrics.drift_repairs.labels(kind="kernel").inc(repairs)
+        log.info("drift_checked", repairs=repairs)
 
     def sync_attachments(self, wanted: dict[int, str], direction: str, force: bool) -> int:
         """Attach where the live filter is missing or runs another program generation."""
         count = 0
+        if not wanted:
+            return 0
         with netplumb.ipr() as conn:
             for ifindex, prog_name in wanted.items():
                 fd = self.loaded.programs[prog_name]
@@ -173,30 +292,90 @@ class Daemon:
         self.lease_deadline = time.monotonic() + self.lease_ttl
         log.info("lease_renewed", subnet=self.node.subnet, ttl=self.lease_ttl)
 
+    # ---------------------------------------------------------------- sources
+    def _watch_store(self) -> None:
+        """Source thread: store events from self.revision on, onto the queue."""
+        revision = self.revision
+        while not self.stopping:
+            try:
+                events = self.store.watch("/", revision, timeout=WATCH_TIMEOUT)
+            except Compacted:   # fell too far behind the history: the main thread lists again
+                self.events.put(("relist", None))
+                return
+            except StoreError as exc:
+                log.warning("store_watch_failed", error=str(exc))
+                time.sleep(1)
+                continue
+            if events:
+                revision = events[-1].revision + 1
+                self.events.put(("store", events))
+
+    def _start_sources(self) -> None:
+        threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
+        self.linkwatch.start()
+
+    def _take(self, item) -> None:
+        kind, payload = item
+        if kind == "store":
+            for ev in payload:
+                self._dispatch(ev.key, ev.value if ev.type == "put" else None)
+        elif kind == "link":
+            self.model.set_link(*payload)
+        elif kind == "relist":
+            self._relist()
+
+    def _relist(self) -> None:
+        """After a compaction: the current content replaces the model's inputs."""
+        self.model = Model(self.node_name, debug_events=self.debug_events)
+        self.model.set_node(overlay=self.overlay, node_ip=self.node.public_ip, netdevs=self._netdevs())
+        self.model.set_links(netplumb.link_table())
+        self.load_all()
+        self._full_sync()
+        threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
+
+    def _full_sync(self) -> None:
+        self.model.update()
+        self.model.drain()
+        desired = self.model.snapshot()
+        self.reconciler.apply(self.reconciler.initial_changes(desired))
+
+    def _netdevs(self) -> list[int]:
+        links = netplumb.link_table()
+        return [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
+
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._reload)
         self.start()
-        revision = self.store.revision() + 1
+        self._start_sources()
         while not self.stopping:
             try:
+                timeout = max(0.0, self.last_drift + DRIFT_SECONDS - time.monotonic())
+                timeout = min(timeout, max(0.0, self.lease_deadline - self.renew_margin - time.monotonic()), 1.0)
                 try:
-                    events = self.store.watch("/", revision, timeout=min(RESYNC_SECONDS, 0.5))
-                except Compacted:  # fell too far behind the history: a full resync covers it
-                    revision = self.store.revision() + 1
+                    first = self.events.get(timeout=timeout)
+                except queue.Empty:
+                    first = None
+                if first is not None:
+                    self._take(first)
+                    # The batching window: take what follows closely, up to BATCH_MAX.
+                    window_end = time.monotonic() + BATCH_MAX
+                    while time.monotonic() < window_end:
+                        try:
+                            self._take(self.events.get(timeout=BATCH_WINDOW))
+                        except queue.Empty:
+                            break
                     self.reconcile()
-                    continue
-                if events:
-                    revision = events[-1].revision + 1
-                    self.reconcile()
-                elif time.monotonic() - getattr(self, "_last_resync", 0) > RESYNC_SECONDS:
-                    self._last_resync = time.monotonic()
-                    self.reconcile()
+                if time.monotonic() - self.last_drift >= DRIFT_SECONDS:
+                    self.last_drift = time.monotonic()
+                    self.drift_check()
                 self.renew_lease_if_due()
                 if self.reload_requested:
                     self.reload_requested = False
                     self.setup_overlay()   # network config (VNI, port) re-read from the store
+                    self.model.set_node(overlay=self.overlay, netdevs=self._netdevs())
+                    self.model.set_links(netplumb.link_table())
                     self.reconcile(force_attach=True)
                     log.info("reloaded")
             except AtomnetError as exc:
@@ -217,6 +396,8 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        if getattr(self, "linkwatch", None):
+            self.linkwatch.stop()
         if self.store:
             self.store.close()
         if self.loaded:

@@ -80,7 +80,7 @@ struct maglev_table {
 	__type(key, __u32);
 	__type(value, struct backend_addr);
 	__uint(max_entries, MAGLEV_TEMPLATE_SIZE);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);	/* filled through mmap: ctl/dataplane/maglev_tables.py */
 };
 
 struct {

@@ -96,7 +96,7 @@ from functools import lru_cache
 from itertools import cycle, filterfalse, islice
 from operator import invert, ne
 
-__all__ = ["TABLE_SIZE", "disruption", "table", "table_size_for"]
+__all__ = ["TABLE_SIZE", "disruption", "fast_table", "preferences", "table", "table_size_for"]
 
 TABLE_SIZE = 16381  # prime; as __u32 slots 65,524 bytes (64 KiB) per service port
 
@@ -207,6 +207,36 @@ def table(backends: Sequence[str], size: int = TABLE_SIZE,
     for next_free, mark in islice(cycle(order), size):
         entry[next_free()] = mark
     return list(map(invert, entry))
+
+
+def preferences(backends: Sequence[str], size: int):
+    """(offsets, skips): each backend's permutation as two ctypes uint64 arrays, the input of
+    the compiled populate loop (ctl/dataplane/native/maglev.c)."""
+    import ctypes as ct
+    n = len(backends)
+    offsets, skips = (ct.c_uint64 * n)(), (ct.c_uint64 * n)()
+    for i, name in enumerate(backends):
+        h1, h2 = _hashes(name)
+        offsets[i], skips[i] = h1 % size, h2 % (size - 1) + 1
+    return offsets, skips
+
+
+def fast_table(backends: Sequence[str], size: int = TABLE_SIZE) -> list[int]:
+    """``table(backends, size)`` (unweighted) computed by the compiled loop: the same slots,
+    about a hundred times faster. What the daemon uses; ``table`` stays the readable reference."""
+    import ctypes as ct
+    from .native import lib
+    size = _check_size(size)
+    if not backends:
+        return []
+    if len(backends) > size:
+        raise ValueError(f"maglev table size {size} is smaller than the {len(backends)} backends")
+    offsets, skips = preferences(backends, size)
+    out = (ct.c_int32 * size)()
+    rc = lib().maglev_populate(len(backends), offsets, skips, size, out)
+    if rc:
+        raise ValueError(f"maglev populate failed: {rc}")
+    return list(out)
 
 
 def table_size_for(backend_count: int) -> int:

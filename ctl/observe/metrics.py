@@ -6,10 +6,43 @@ from __future__ import annotations
 import errno
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+import ctypes as ct
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..dataplane.bpf import syscalls as sc
+from ..dataplane.bpf.maps import Map, possible_cpus
+from ..dataplane.bpf.types import BackendKey
 from ..errors import AtomnetError
+
+_PROTO_NAMES = {6: "tcp", 17: "udp"}
+
+
+def frontend_counters(backends: Map, frontends: dict, names: dict[int, str]) -> list[dict]:
+    """Packets/bytes per service frontend: the per-CPU backend counters read with batch
+    lookups and summed with numpy (100 000 backends in tens of milliseconds), frontends from
+    the daemon's cache of the services map (what it wrote), names from its model."""
+    cpus = possible_cpus()
+    ksize, vsize = ct.sizeof(BackendKey), 16 * cpus
+    keys, values, count = sc.lookup_batch(backends.fd, ksize, vsize, backends.info.max_entries)
+    packets = np.zeros(0)
+    if count:
+        ids = np.frombuffer(keys, dtype=np.uint32).reshape(count, ksize // 4)[:, 0]
+        vals = np.frombuffer(values, dtype=np.uint64).reshape(count, cpus, 2).sum(axis=1)
+        size = int(ids.max()) + 1
+        packets = np.bincount(ids, weights=vals[:, 0], minlength=size)
+        nbytes = np.bincount(ids, weights=vals[:, 1], minlength=size)
+    out = []
+    for key, value in frontends.items():
+        k, v = dict(key), dict(value)
+        sid = v["id"]
+        seen = sid < len(packets)
+        out.append({"service": names.get(sid), "id": sid,
+                    "frontend": f"{k['vip']}:{k['port']}/{_PROTO_NAMES.get(k['proto'], k['proto'])}",
+                    "packets": int(packets[sid]) if seen else 0, "bytes": int(nbytes[sid]) if seen else 0})
+    return out
 
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 
@@ -66,6 +99,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.reconcile_seconds = Histogram("atomnet_reconcile_duration_seconds", "Time one reconcile took",
                                            buckets=RECONCILE_BUCKETS, registry=self.registry)
+        self.drift_repairs = Counter("atomnet_drift_repairs", "Differences the drift check found and repaired "
+                                     "(kind=kernel: a map entry; kind=model: the incremental model itself)",
+                                     labelnames=["kind"], registry=self.registry)
 
     def serve(self, address: str, snapshot: Callable[[], dict]) -> None:
         host, sep, port = address.rpartition(":")

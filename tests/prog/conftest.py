@@ -65,10 +65,10 @@ def program_service(h: Harness, vip: str, port: int, proto: str, backends: list[
     from ctl.dataplane.bpf.types import BackendKey, Counter, ServiceInfo, ServiceKey
     from ctl.dataplane.desired import MaglevSpec
     from ctl.state.model import PROTOCOLS
-    from ctl.dataplane.reconcile import sync_maglev
+    from ctl.dataplane.maglev_tables import MaglevTables
 
     spec = MaglevSpec(table_size, tuple(sorted(backends)), 0)
-    sync_maglev(h.maps["maglev"], {sid: spec}, {}, set())
+    MaglevTables(h.maps["maglev"]).set_many({sid: spec})
     for k in list(h.maps["backends"].keys()):
         if k.service_id == sid:
             h.maps["backends"].delete(k)

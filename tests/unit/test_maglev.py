@@ -265,3 +265,20 @@ def test_bad_backends_and_weights_rejected():
         table(b, weights={name: 0 for name in b})
     with pytest.raises(TypeError):
         table(b, weights={b[0]: 1.5})
+
+
+def test_compiled_populate_equals_the_reference():
+    """ctl/dataplane/native/maglev.c (what the daemon uses) gives the reference's slots."""
+    import random
+    rng = random.Random(15)
+    for _ in range(40):
+        n = rng.randint(1, 60)
+        names = sorted({f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{rng.choice([80, 8080])}"
+                        for _ in range(n)})
+        size = rng.choice([251, 1021, 4093, TABLE_SIZE])
+        assert maglev.fast_table(names, size) == table(names, size)
+    assert maglev.fast_table([], TABLE_SIZE) == []
+    with pytest.raises(ValueError):
+        maglev.fast_table(["a", "b", "c"], 2)
+    with pytest.raises(ValueError):
+        maglev.fast_table(["a"], 1000)

@@ -5,7 +5,6 @@ from ctl.dataplane.desired import compute, freeze
 from ctl.node.netplumb import LinkInfo
 from ctl.state.model import (NetworkConfig, Pod, ValidationError, host_ifname, parse_labels, validate_name,
                        vtep_mac)
-from ctl.dataplane.reconcile import diff
 
 
 def pod(name, node="n1", ip="10.244.1.2", labels=None):
@@ -57,9 +56,3 @@ def test_desired_endpoints_only_for_this_node_and_existing_links():
     assert d.missing_links == ["b"]
 
 
-def test_diff_upserts_changed_and_new_deletes_stale():
-    k1, k2, k3 = freeze({"ip": "1.1.1.1"}), freeze({"ip": "2.2.2.2"}), freeze({"ip": "3.3.3.3"})
-    v, w = freeze({"ifindex": 1}), freeze({"ifindex": 2})
-    d = diff({k1: v, k2: w}, {k1: v, k2: v, k3: v})
-    assert d.upserts == {k2: w} and d.deletes == [k3]
-    assert not diff({k1: v}, {k1: v})

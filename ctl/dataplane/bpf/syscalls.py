@@ -26,6 +26,7 @@ BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 BPF_F_NO_PREALLOC = 1
 BPF_F_INNER_MAP = 1 << 12
+BPF_F_MMAPABLE = 1 << 10
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERF_EVENT_ARRAY = 4
 MAP_IN_MAP_TYPES = {12, 13}  # array_of_maps, hash_of_maps
@@ -126,6 +127,10 @@ _map_fd_by_id = _declare("bpf_map_get_fd_by_id", ct.c_int, ct.c_uint32)
 _test_run = _declare("bpf_prog_test_run_opts", ct.c_int, ct.c_int, ct.POINTER(BpfTestRunOpts))
 _update_batch = _declare("bpf_map_update_batch", ct.c_int, ct.c_int, ct.c_void_p, ct.c_void_p,
                          _u32p, ct.POINTER(BpfMapBatchOpts))
+_delete_batch = _declare("bpf_map_delete_batch", ct.c_int, ct.c_int, ct.c_void_p, _u32p,
+                         ct.POINTER(BpfMapBatchOpts))
+_lookup_batch = _declare("bpf_map_lookup_batch", ct.c_int, ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                         ct.c_void_p, _u32p, ct.POINTER(BpfMapBatchOpts))
 _lookup = _declare("bpf_lookup_elem", ct.c_int, ct.c_int, ct.c_void_p, ct.c_void_p)
 _update = _declare("bpf_update_elem", ct.c_int, ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_ulonglong)
 _delete = _declare("bpf_delete_elem", ct.c_int, ct.c_int, ct.c_void_p)
@@ -271,6 +276,44 @@ def update_batch(fd: int, keys, values, count: int) -> None:
     opts = BpfMapBatchOpts(sz=ct.sizeof(BpfMapBatchOpts))
     ct.set_errno(0)
     _check(_update_batch(fd, ct.byref(keys), ct.byref(values), ct.byref(n), ct.byref(opts)), "batch map update")
+
+
+def lookup_batch(fd: int, key_size: int, value_size: int, max_count: int, chunk: int = 4096) -> tuple[bytes, bytes, int]:
+    """Every entry of a hash map in a few syscalls (BPF_MAP_LOOKUP_BATCH): (packed keys,
+    packed values, count). value_size is per key (per-CPU maps: per CPU size * CPUs)."""
+    keys_out, values_out, total = bytearray(), bytearray(), 0
+    token_in, token_out = ct.create_string_buffer(max(key_size, 8)), ct.create_string_buffer(max(key_size, 8))
+    keys = ct.create_string_buffer(key_size * chunk)
+    values = ct.create_string_buffer(value_size * chunk)
+    first = True
+    while total < max_count + chunk:
+        n = ct.c_uint32(chunk)
+        opts = BpfMapBatchOpts(sz=ct.sizeof(BpfMapBatchOpts))
+        ct.set_errno(0)
+        rc = _lookup_batch(fd, None if first else token_in, token_out, keys, values, ct.byref(n), ct.byref(opts))
+        err = ct.get_errno() or (-rc if rc < -1 else 0)
+        if rc < 0 and err != errno.ENOENT:
+            _check(rc, "batch map lookup")
+        keys_out += keys.raw[:n.value * key_size]
+        values_out += values.raw[:n.value * value_size]
+        total += n.value
+        if rc < 0:   # ENOENT: that was the last batch
+            break
+        ct.memmove(token_in, token_out, len(token_out.raw))
+        first = False
+    return bytes(keys_out), bytes(values_out), total
+
+
+def delete_batch(fd: int, keys, count: int) -> int:
+    """keys: a ctypes array of count keys, deleted in one syscall. Returns how many were
+    deleted (the kernel stops at the first absent key: the caller deletes only keys it wrote)."""
+    n = ct.c_uint32(count)
+    opts = BpfMapBatchOpts(sz=ct.sizeof(BpfMapBatchOpts))
+    ct.set_errno(0)
+    rc = _delete_batch(fd, ct.byref(keys), ct.byref(n), ct.byref(opts))
+    if rc < 0 and (ct.get_errno() or -rc) != errno.ENOENT:
+        _check(rc, "batch map delete")
+    return n.value
 
 
 def test_run(prog_fd: int, packet: bytes, ctx: bytes | None = None, repeat: int = 1) -> tuple[int, bytes, int]:

@@ -1,0 +1,189 @@
+"""Control-plane measurements on a fresh node (its own rig, store and pins), issue 15's goals:
+
+- program N services x B backends, each service with its own backend set (B of P live pods),
+  in one `atomnet apply -f`: CLI start -> the daemon's `reconciled` event;
+- change one service among N (add one, delete one, change one's backends): the store write
+  (ctl.state.services, what the CLI calls, in this process: no CLI start-up) -> the change
+  visible in the pinned kernel maps (polled with lookups: the "maps updated" condition);
+- pod add -> its endpoint in the endpoints map (CLI, which creates netns and veth);
+- daemon RSS after programming, its CPU while nothing changes, one metrics scrape.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from tests.e2e.rig import Rig, sh
+
+from .harness import cpu_seconds, memory_kib
+
+POLL = 0.0002   # seconds between two lookups while waiting for a map to show a change
+
+
+def distinct_sets(pods: list[str], count: int, size: int, seed: int = 15) -> list[list[str]]:
+    """count different backend sets of `size` pods each (C(20, 10) = 184 756 of them exist)."""
+    rng = random.Random(seed)
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    while len(out) < count:
+        pick = tuple(sorted(rng.sample(pods, size)))
+        if pick in seen:
+            continue
+        seen.add(pick)
+        out.append(list(pick))
+    return out
+
+
+class Maps:
+    """The node's pinned services and endpoints maps, read from this process."""
+
+    def __init__(self, bpffs: str):
+        from ctl.dataplane.bpf import syscalls as sc
+        from ctl.dataplane.bpf.maps import Map
+        from ctl.dataplane.bpf.types import EndpointKey, EndpointInfo, ServiceInfo, ServiceKey
+        self.services = Map(sc.obj_get(f"{bpffs}/maps/services"), ServiceKey, ServiceInfo)
+        self.endpoints = Map(sc.obj_get(f"{bpffs}/maps/endpoints"), EndpointKey, EndpointInfo)
+        self.ServiceKey, self.EndpointKey = ServiceKey, EndpointKey
+
+    def service(self, vip: str, port: int):
+        v = self.services.get(self.ServiceKey.from_dict({"vip": vip, "port": port, "proto": 6}))
+        return None if v is None else v.to_bytes()
+
+    def endpoint(self, ip: str):
+        return self.endpoints.get(self.EndpointKey.from_dict({"ip": ip}))
+
+    def close(self):
+        self.services.close()
+        self.endpoints.close()
+
+
+def wait_for(cond, timeout: float = 30.0) -> float:
+    """Polls cond() until true; returns the time it became true (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return time.monotonic()
+        time.sleep(POLL)
+    raise AssertionError(f"condition not met in {timeout}s")
+
+
+def pctl(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, changes: int, apply_fn,
+             idle_window: float = 0.0, metrics_port: int = 0, pod_adds: int = 0, log=print) -> dict:
+    """One fresh node: pool pods, n services (distinct backend sets of nb), then the changes."""
+    from ctl.state import services as svclib
+    from ctl.state.model import SERVICES_PREFIX, Service
+    from ctl.state.store import open_store
+    from .cases import service_doc, vip
+
+    uid = uuid.uuid4().hex[:6]
+    uids.append(uid)
+    tmp = Path(tempfile.mkdtemp(prefix=f"cp{uid}-", dir=parent_tmp))
+    try:
+        rig = Rig(uid, tmp)
+    except Exception:
+        sh("ip", "netns", "del", f"an{uid}-ul", check=False)
+        raise
+    maps = store = None
+    try:
+        node = rig.add_node("cp")
+        extra = ["--metrics", f"127.0.0.1:{metrics_port}"] if metrics_port else []
+        node.start_daemon(*extra)
+        pods = [node.add_pod(f"e{j}")["name"] for j in range(pool)]
+        for p in node.atomnet_json("pod", "list"):
+            node.wait_endpoint(p["ip"])
+        sets = distinct_sets(pods, n + changes, nb)
+        docs = [service_doc(i, sets[i]) for i in range(n)]
+        out: dict = {"program": apply_fn(node, docs, min_changes=n, timeout=900)}
+        mem = memory_kib(node.daemon.pid)
+        out["rss_mib"], out["hwm_mib"] = mem["VmRSS"] / 1024, mem["VmHWM"] / 1024
+        maps = Maps(node.bpffs)
+        store = open_store(rig.store)
+        adds, dels, backs = [], [], []
+        for k in range(changes):
+            # add one service with its own backend set
+            i = n + k
+            svc = Service.from_dict({**service_doc(i, sets[i]), "name": f"s{i}"})
+            t0 = time.monotonic()
+            svclib.add_service(store, svc)
+            adds.append(wait_for(lambda: maps.service(vip(i), 80) is not None) - t0)
+            # change one existing service's backends (one pod swapped for another)
+            j = (k * 7919) % n
+            cur = svclib.get_service(store, f"s{j}")
+            names = [b.pod for b in cur.backends]
+            spare = next(p for p in pods if p not in names)
+            changed = replace(cur, backends=tuple(replace(b, pod=spare) if idx == 0 else b
+                                                  for idx, b in enumerate(cur.backends)))
+            before = maps.service(cur.vip, 80)
+            t0 = time.monotonic()
+            store.put(SERVICES_PREFIX + cur.name, changed.to_json())
+            backs.append(wait_for(lambda: maps.service(cur.vip, 80) not in (before, None)) - t0)
+            # delete the one just added
+            t0 = time.monotonic()
+            svclib.delete_service(store, f"s{i}")
+            dels.append(wait_for(lambda: maps.service(vip(i), 80) is None) - t0)
+        out["change"] = {"add": adds, "delete": dels, "backends": backs}
+        all_changes = adds + dels + backs
+        out["change_p50"], out["change_p99"] = pctl(all_changes, 0.5), pctl(all_changes, 0.99)
+        if pod_adds:
+            lat = []
+            for k in range(pod_adds):
+                t0 = time.monotonic()
+                pod = node.atomnet_json("pod", "add", f"p{uid}-x{k}")
+                cli = time.monotonic() - t0
+                t_ep = wait_for(lambda: maps.endpoint(pod["ip"]) is not None)
+                lat.append({"wall": t_ep - t0, "cli": cli})
+            out["pod_add"] = lat
+        if metrics_port:
+            scrape = node.exec("/usr/bin/python3", "-c",
+                               "import time,urllib.request\n"
+                               "u=f'http://127.0.0.1:%d/metrics'\n"
+                               "urllib.request.urlopen(u).read()\n"
+                               "ts=[]\n"
+                               "for _ in range(5):\n"
+                               "    t=time.perf_counter(); urllib.request.urlopen(u).read(); ts.append(time.perf_counter()-t)\n"
+                               "print(sorted(ts)[2])" % metrics_port, timeout=120)
+            out["scrape"] = float(scrape.stdout.strip())
+        if idle_window:
+            before = cpu_seconds(node.daemon.pid)
+            time.sleep(idle_window)   # the measurement window itself: nothing changes meanwhile
+            out["idle"] = (cpu_seconds(node.daemon.pid) - before) / idle_window
+        mem = memory_kib(node.daemon.pid)
+        out["rss_end_mib"] = mem["VmRSS"] / 1024
+        log(f"  cp node n={n} nb={nb}: program {out['program']['wall']:.2f}s (reconcile "
+            f"{out['program']['reconcile']:.2f}s), change p50 {out['change_p50'] * 1000:.1f} ms p99 "
+            f"{out['change_p99'] * 1000:.1f} ms, RSS {out['rss_mib']:.0f} MiB"
+            + (f", scrape {out['scrape'] * 1000:.0f} ms" if "scrape" in out else "")
+            + (f", idle {out['idle'] * 100:.2f}%" if "idle" in out else ""))
+        return out
+    finally:
+        if maps is not None:
+            maps.close()
+        if store is not None:
+            store.close()
+        rig.teardown()
+
+
+if __name__ == "__main__":   # a quick look: python -m tests.bench.control_plane N NB
+    import sys
+    from .cases import Bench, Config
+    n, nb = int(sys.argv[1]), int(sys.argv[2])
+    tmp = Path(tempfile.mkdtemp(prefix="cpq-"))
+    bench = Bench.__new__(Bench)
+    bench.log = print
+    res = run_node(tmp, [], n, nb, 20, int(sys.argv[3]) if len(sys.argv) > 3 else 10,
+                   lambda node, docs, min_changes, timeout: Bench.atomnet_apply(bench, node, docs, min_changes=min_changes,
+                                                                                timeout=timeout),
+                   idle_window=float(sys.argv[4]) if len(sys.argv) > 4 else 0, metrics_port=9641, pod_adds=3)
+    print(json.dumps({k: v for k, v in res.items()}, default=str)[:3000])
