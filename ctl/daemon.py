@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from .node import netplumb, pods as podlib
+from .node import netplumb, pods as podlib, readiness
 from .state import forwards as fwdlib, pods as podstate, services as svclib
 from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
@@ -83,6 +83,7 @@ class Daemon:
         self.loaded = self.loader.load()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
+        readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
 
@@ -217,6 +218,7 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        readiness.clear(str(self.loader.root))
         if self.store:
             self.store.close()
         if self.loaded:
