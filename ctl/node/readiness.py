@@ -45,7 +45,7 @@ def not_ready_reason(bpffs: str) -> str | None:
         doc = json.loads(path.read_text())
         pid = int(doc["pid"])
     except FileNotFoundError:
-        return f"no atomnet daemon has become ready for {bpffs} (no {path})"
+        return f"no atomnet daemon is ready for {bpffs} (no {path})"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable readiness file {path}: {exc}"
     try:
