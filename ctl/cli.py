@@ -101,6 +101,10 @@ def build_parser() -> Parser:
     fdel = verb(fwd, "del", "remove a forward (idempotent)", _forward_del)
     fdel.add_argument("id")
     verb(fwd, "list", "list forwards", _forward_list)
+    cni = verbs.add_parser("cni", help="CNI plugin").add_subparsers(dest="action", required=True, parser_class=Parser)
+    cinst = verb(cni, "install", "install the CNI plugin and the \"atomnet\" conflist for this node", _cni_install)
+    cinst.add_argument("--bin-dir", default="/opt/cni/bin", help="the runtime's CNI plugin dir")
+    cinst.add_argument("--conf-dir", default="/etc/cni/net.d", help="the runtime's CNI config dir")
     ap = verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}", _apply)
     ap.add_argument("-f", "--file", required=True, help="FILE, or - for standard input")
     ap.add_argument("--prune", action="store_true", help="delete services the file no longer lists")
@@ -148,7 +152,7 @@ def _pod_row(pod) -> dict:
     return d
 
 
-POD_COLUMNS = ["name", "node", "ip", "netns", "ifname", "host_ifname", "mac", "labels"]
+POD_COLUMNS = ["name", "node", "ip", "netns", "ifname", "host_ifname", "mac", "labels", "runtime", "container_id"]
 
 
 
@@ -439,6 +443,11 @@ def _read_file(path: str) -> str:
             return fh.read()
     except OSError as exc:
         raise AtomnetError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _cni_install(args) -> None:
+    from .runtimes.cni.install import install
+    emit(install(args.bin_dir, args.conf_dir, args.store, args.node, args.bpffs), args.json)
 
 
 def _daemon(args) -> None:

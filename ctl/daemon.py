@@ -35,7 +35,7 @@ from typing import Callable
 
 import structlog
 
-from .node import linkwatch, netplumb, pods as podlib
+from .node import linkwatch, netplumb, pods as podlib, readiness
 from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
 from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, load_network
@@ -169,6 +169,7 @@ class Daemon:
         self.load_all()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
+        readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
 
@@ -396,6 +397,7 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        readiness.clear(str(self.loader.root))
         if getattr(self, "linkwatch", None):
             self.linkwatch.stop()
         if self.store:

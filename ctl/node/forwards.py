@@ -61,7 +61,8 @@ def validate(store: Store, node_name: str, target: str, host_port, host_ip: str 
 
 
 def add_forward(store: Store, node_name: str, target: str, host_port: str | None, host_ip: str | None,
-                proto: str) -> Forward:
+                proto: str, *, owner: str = "") -> Forward:
+    """`owner`: the pod whose deletion deletes this forward too (CNI portMappings)."""
     proto, pod_name, pod_port, host_ip, port = validate(store, node_name, target, host_port, host_ip, proto)
     if port is None:
         port = _pick_port(store, node_name, proto, host_ip)
@@ -71,7 +72,7 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
                                f"(forward {forward_id(node_name, proto, port)})")
     try:
         fwd = Forward(id=forward_id(node_name, proto, port), node=node_name, host_ip=host_ip, host_port=port,
-                      proto=proto, pod=pod_name, port=pod_port, service_id=reserve_ids(store, 1)[0])
+                      proto=proto, pod=pod_name, port=pod_port, service_id=reserve_ids(store, 1)[0], owner=owner)
         if not store.create(FORWARDS_PREFIX + fwd.id, fwd.to_json()):
             raise AtomnetError(f"forward {fwd.id} already exists")
     except BaseException:

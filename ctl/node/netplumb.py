@@ -18,7 +18,7 @@ from pyroute2 import IPRoute, NetNS, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import AtomnetError
-from ..state.model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME
+from ..state.model import HOST_IFNAME_PREFIX, POD_GATEWAY, POD_IFNAME, ValidationError
 from .netlink import dump
 
 NETNS_DIR = Path("/run/netns")
@@ -110,17 +110,23 @@ def remove_netns(path: Path) -> None:
         pr_netns.remove(path.name)
 
 
-def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int) -> tuple[str, str]:
-    """Creates and configures the veth pair; returns (pod eth0 MAC, host-side MAC).
+def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int, ifname: str = POD_IFNAME,
+                     mac: str | None = None) -> tuple[str, str]:
+    """Creates and configures the veth pair (`ifname` in the pod, with `mac` if given);
+    returns (pod interface MAC, host-side MAC).
     On any failure the pair is removed again, so nothing half-made stays behind."""
     fd = os.open(netns, os.O_RDONLY)
+    peer = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu}
+    if mac:
+        peer["address"] = mac
     try:
         with ipr() as conn:
-            conn.link("add", ifname=host_if, kind="veth", mtu=mtu,
-                      peer={"ifname": POD_IFNAME, "net_ns_fd": fd, "mtu": mtu})
+            conn.link("add", ifname=host_if, kind="veth", mtu=mtu, peer=peer)
     except NetlinkError as exc:
         if exc.code == errno.EEXIST:
-            raise AtomnetError(f"interface {host_if} (or {POD_IFNAME} in {netns}) already exists") from None
+            raise AtomnetError(f"interface {host_if} (or {ifname} in {netns}) already exists") from None
+        if exc.code == errno.EADDRNOTAVAIL and mac:
+            raise ValidationError(f"invalid MAC address {mac}: not a unicast address") from None
         raise
     finally:
         os.close(fd)
@@ -134,7 +140,7 @@ def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int) -> tuple[str,
         try:
             lo = pod_ns.link_lookup(ifname="lo")[0]
             pod_ns.link("set", index=lo, state="up")
-            eth = pod_ns.link_lookup(ifname=POD_IFNAME)[0]
+            eth = pod_ns.link_lookup(ifname=ifname)[0]
             pod_mac = pod_ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
             pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
             # IPv4-only dataplane: no IPv6 link-local address, so no RS/MLD chatter that
@@ -233,3 +239,32 @@ def node_sysctls() -> list[str]:
             path.write_text(value)
             changed.append(key.replace("/", "."))
     return changed
+
+
+def pod_link_problems(netns: Path, host_if: str, ifname: str, ip: str) -> list[str]:
+    """What differs from what create_pod_links made (CNI CHECK): the host-side veth, the pod's
+    interface, its /32 address, the gateway route and the default route. [] when all is there."""
+    problems = []
+    with ipr() as conn:
+        if not conn.link_lookup(ifname=host_if):
+            problems.append(f"host-side interface {host_if} is missing")
+    if not netns.exists():
+        return problems + [f"network namespace {netns} does not exist"]
+    pod_ns = NetNS(str(netns), flags=0)
+    try:
+        found = pod_ns.link_lookup(ifname=ifname)
+        if not found:
+            return problems + [f"interface {ifname} is missing in {netns}"]
+        index = found[0]
+        addrs = {a.get_attr("IFA_ADDRESS") for a in pod_ns.get_addr(index=index, family=2)}
+        if ip not in addrs:
+            problems.append(f"{ifname} does not have address {ip} (has {', '.join(sorted(addrs)) or 'none'})")
+        routes = [(r.get_attr("RTA_DST"), r["dst_len"], r.get_attr("RTA_GATEWAY"))
+                  for r in pod_ns.get_routes(family=2, table=254) if r.get_attr("RTA_OIF") == index]
+        if (POD_GATEWAY, 32, None) not in routes:
+            problems.append(f"no route to the gateway {POD_GATEWAY} on {ifname}")
+        if (None, 0, POD_GATEWAY) not in routes:
+            problems.append(f"no default route via {POD_GATEWAY} on {ifname}")
+    finally:
+        pod_ns.close()
+    return problems

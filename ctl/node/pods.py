@@ -11,7 +11,7 @@ import structlog
 from ..state import cluster
 from . import netplumb
 from ..errors import AtomnetError
-from ..state.model import PODS_PREFIX, Node, Pod, host_ifname, validate_name, vtep_mac
+from ..state.model import POD_IFNAME, PODS_PREFIX, Node, Pod, host_ifname, validate_name, vtep_mac
 from ..state.pods import get_pod
 from ..state.store import Store
 
@@ -43,7 +43,11 @@ def local_node(store: Store, name: str) -> Node:
     return node
 
 
-def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], netns: str | None = None) -> Pod:
+def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], netns: str | None = None, *,
+            ifname: str = POD_IFNAME, ip: str | None = None, mac: str | None = None, container_id: str = "",
+            runtime: str = "") -> Pod:
+    """`ip`/`mac` request an address (AtomnetError when outside the subnet or taken) and a MAC;
+    container_id/runtime record which runtime's container the pod is (CNI, Docker)."""
     validate_name("pod", name)
     if get_pod(store, name) is not None:
         raise AtomnetError(f"pod {name} already exists")
@@ -55,17 +59,17 @@ def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], net
     if netns is None and path.exists():
         raise AtomnetError(f"network namespace {path} already exists: pass --netns {path} to use it")
     host_if = host_ifname(name)
-    ip = cluster.allocate_address(store, node.subnet, name)
+    ip = cluster.allocate_address(store, node.subnet, name, requested=ip)
     undo = [lambda: cluster.release_address(store, ip, name)]
     try:
         if netns is None:
             netplumb.create_netns(path)
             owned = True
             undo.append(lambda: netplumb.remove_netns(path))
-        pod_mac, _host_mac = netplumb.create_pod_links(path, host_if, ip, node.pod_mtu)
+        pod_mac, _host_mac = netplumb.create_pod_links(path, host_if, ip, node.pod_mtu, ifname=ifname, mac=mac)
         undo.append(lambda: netplumb.delete_pod_links(host_if))
         pod = Pod(name=name, node=node.name, ip=ip, netns=str(path), host_ifname=host_if, mac=pod_mac,
-                  labels=labels, netns_owned=owned)
+                  labels=labels, netns_owned=owned, ifname=ifname, container_id=container_id, runtime=runtime)
         if not store.create(PODS_PREFIX + name, pod.to_json()):
             raise AtomnetError(f"pod {name} already exists")
     except BaseException:

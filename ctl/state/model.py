@@ -225,6 +225,8 @@ class Pod:
     labels: dict = field(default_factory=dict)
     netns_owned: bool = True   # atomnet created the netns, so `pod del` removes it
     ifname: str = POD_IFNAME
+    container_id: str = ""     # the runtime's id of the container this pod is ("" for `pod add`)
+    runtime: str = ""          # who made it: "cni", "docker", or "" for `pod add`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -422,6 +424,7 @@ class Forward:
     pod: str
     port: int
     service_id: int   # its frontend's id in the dataplane (shares the service-port id space)
+    owner: str = ""   # the pod whose removal removes this forward (CNI portMappings); "" = the user's
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ctl.node.readiness import ready_path
+
 ATOMNET = [sys.executable, "-m", "ctl.cli"]
 REPO = Path(__file__).resolve().parents[2]
 # Nodes join the cluster with the same script the Vagrant rig provisions with.
@@ -184,6 +186,7 @@ class Rig:
                 sh("ip", "netns", "del", pod, check=False)  # in case `pod del` itself failed
             sh("ip", "netns", "del", node.netns, check=False)
             shutil.rmtree(node.bpffs, ignore_errors=True)
+            ready_path(node.bpffs).unlink(missing_ok=True)   # a SIGKILLed daemon leaves its readiness file
         for ns in self.extra_netns:
             sh("ip", "netns", "del", ns, check=False)
         if self.etcd:

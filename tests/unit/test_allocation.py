@@ -106,3 +106,15 @@ def test_flannel_config_fields_and_backend_check():
     assert [str(s) for s in cfg.subnets()] == ["10.1.0.64/26", "10.1.0.128/26", "10.1.0.192/26", "10.1.1.0/26"]
     with pytest.raises(AtomnetError, match="not supported"):
         NetworkConfig.from_json('{"Network": "10.1.0.0/16", "Backend": {"Type": "host-gw"}}')
+
+
+def test_requested_address_is_honoured_when_free_and_in_the_subnet(store):
+    assert cluster.allocate_address(store, "10.244.1.0/24", "a", requested="10.244.1.77") == "10.244.1.77"
+    assert cluster.allocate_address(store, "10.244.1.0/24", "b") == "10.244.1.2"   # the lowest free is unaffected
+    with pytest.raises(AtomnetError, match="10.244.1.77 is taken by a"):
+        cluster.allocate_address(store, "10.244.1.0/24", "c", requested="10.244.1.77")
+    for bad in ("10.244.2.5", "10.244.1.1", "10.244.1.255", "10.244.1.0", "nonsense"):
+        with pytest.raises(AtomnetError):
+            cluster.allocate_address(store, "10.244.1.0/24", "d", requested=bad)
+    kvs, _ = store.list("/atomnet/ipam/")
+    assert sorted(kv.value for kv in kvs) == ["a", "b"]   # failed requests claimed nothing

@@ -1,0 +1,1 @@
+"""atomnet as a CNI network plugin (podman, containerd, Kubernetes): protocol, plugin, install."""
