@@ -110,37 +110,28 @@ def remove_netns(path: Path) -> None:
         pr_netns.remove(path.name)
 
 
-def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int) -> tuple[str, str]:
-    """Creates and configures the veth pair; returns (pod eth0 MAC, host-side MAC).
+def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int, ifname: str = POD_IFNAME,
+                     mac: str | None = None) -> tuple[str, str]:
+    """Creates and configures the veth pair; returns (pod interface MAC, host-side MAC).
     On any failure the pair is removed again, so nothing half-made stays behind."""
     fd = os.open(netns, os.O_RDONLY)
     try:
-        with ipr() as conn:
-            conn.link("add", ifname=host_if, kind="veth", mtu=mtu,
-                      peer={"ifname": POD_IFNAME, "net_ns_fd": fd, "mtu": mtu})
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:
-            raise AtomnetError(f"interface {host_if} (or {POD_IFNAME} in {netns}) already exists") from None
-        raise
+        peer = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu, **({"address": mac} if mac else {})}
+        _add_veth(host_if, mtu, peer, f"interface {host_if} (or {ifname} in {netns}) already exists")
     finally:
         os.close(fd)
     try:
-        with ipr() as conn:
-            host_index = conn.link_lookup(ifname=host_if)[0]
-            host_mac = conn.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
-            conn.link("set", index=host_index, state="up")
-            conn.route("replace", dst=f"{ip}/32", oif=host_index, scope=253, proto=RT_PROTO_ATOMNET)
+        host_mac = _configure_host_side(host_if, ip)
         pod_ns = NetNS(str(netns), flags=0)
         try:
             lo = pod_ns.link_lookup(ifname="lo")[0]
             pod_ns.link("set", index=lo, state="up")
-            eth = pod_ns.link_lookup(ifname=POD_IFNAME)[0]
+            eth = pod_ns.link_lookup(ifname=ifname)[0]
             pod_mac = pod_ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
             pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
             # IPv4-only dataplane: no IPv6 link-local address, so no RS/MLD chatter that
             # from_pod would only drop (and count) as unsupported.
-            pod_ns.link("set", index=eth, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
-                ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
+            _no_ipv6_linklocal(pod_ns, eth)
             pod_ns.link("set", index=eth, state="up")
             pod_ns.route("add", dst=f"{POD_GATEWAY}/32", oif=eth, scope=253)
             pod_ns.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth)
@@ -151,6 +142,53 @@ def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int) -> tuple[str,
     except Exception:
         delete_pod_links(host_if)
         raise
+
+
+def create_runtime_links(host_if: str, peer_if: str, ip: str, mtu: int, mac: str | None = None) -> tuple[str, str]:
+    """The veth pair of a pod whose runtime moves the pod end into the sandbox itself
+    (libnetwork's remote driver: Docker moves `peer_if` at Join and sets its address and
+    routes from our answers). Both ends are made here in the node's namespace; the host
+    side is configured as for any pod. Docker cannot install a permanent neighbour entry
+    for the gateway, so the host side also carries POD_GATEWAY (scope link): the kernel
+    then answers the pod's ARP for it with the host-side MAC, whatever arp_ignore says
+    (the address is on the very interface asked). Returns (peer MAC, host-side MAC)."""
+    peer = {"ifname": peer_if, "mtu": mtu, **({"address": mac} if mac else {})}
+    _add_veth(host_if, mtu, peer, f"interface {host_if} or {peer_if} already exists")
+    try:
+        host_mac = _configure_host_side(host_if, ip)
+        with ipr() as conn:
+            host_index = conn.link_lookup(ifname=host_if)[0]
+            conn.addr("add", index=host_index, address=POD_GATEWAY, prefixlen=32, scope=253)
+            index = conn.link_lookup(ifname=peer_if)[0]
+            return conn.get_links(index)[0].get_attr("IFLA_ADDRESS"), host_mac
+    except Exception:
+        delete_pod_links(host_if)
+        raise
+
+
+def _add_veth(host_if: str, mtu: int, peer: dict, exists_msg: str) -> None:
+    try:
+        with ipr() as conn:
+            conn.link("add", ifname=host_if, kind="veth", mtu=mtu, peer=peer)
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            raise AtomnetError(exists_msg) from None
+        raise
+
+
+def _configure_host_side(host_if: str, ip: str) -> str:
+    """Host side up, the pod's /32 routed to it; returns its MAC."""
+    with ipr() as conn:
+        host_index = conn.link_lookup(ifname=host_if)[0]
+        host_mac = conn.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
+        conn.link("set", index=host_index, state="up")
+        conn.route("replace", dst=f"{ip}/32", oif=host_index, scope=253, proto=RT_PROTO_ATOMNET)
+        return host_mac
+
+
+def _no_ipv6_linklocal(conn, index: int) -> None:
+    conn.link("set", index=index, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
+        ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
 
 
 def delete_pod_links(host_if: str) -> bool:

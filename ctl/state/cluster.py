@@ -113,9 +113,20 @@ def save_node(store: Store, node: Node) -> None:
     store.put(NODES_PREFIX + node.name, node.to_json())
 
 
-def allocate_address(store: Store, subnet: str, owner: str) -> str:
-    """Lowest free pod address in the node's subnet, claimed with create-if-absent."""
+def allocate_address(store: Store, subnet: str, owner: str, requested: str | None = None) -> str:
+    """Lowest free pod address in the node's subnet (or `requested`, which must be a pod
+    address of it and free), claimed with create-if-absent."""
     net = ipaddress.IPv4Network(subnet)
+    if requested is not None:
+        try:
+            want = ipaddress.IPv4Address(requested)
+        except ValueError:
+            raise AtomnetError(f"invalid address {requested!r}") from None
+        if want not in pod_addresses(net):
+            raise AtomnetError(f"address {requested} is not a pod address of this node's subnet {subnet}")
+        if not store.create(IPAM_PREFIX + str(want), owner):
+            raise AtomnetError(f"address {requested} is already in use")
+        return str(want)
     kvs, _ = store.list(IPAM_PREFIX)
     taken = {kv.key[len(IPAM_PREFIX):] for kv in kvs}
     for addr in pod_addresses(net):
