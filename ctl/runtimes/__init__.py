@@ -1,0 +1,1 @@
+"""Container runtimes attaching to atomnet: cni (the CNI plugin), docker (libnetwork driver)."""
