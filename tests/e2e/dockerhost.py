@@ -2,11 +2,15 @@
 docker.io 20.10), both inside the node's network namespace, removed at teardown.
 
 dockerd 20.10 discovers plugins only in the fixed directory /run/docker/plugins (not
-under its --exec-root), so each dockerd runs in a private mount namespace where a fresh
-tmpfs is mounted on /run and the test's own plugin directory is bound onto
-/run/docker/plugins: that node's plugin is then the driver "atomnet", exactly as in
-production, and nothing outside the test's directory is touched. (Two node namespaces
-share one filesystem, so without it both dockerds would find the same socket.)
+under its --exec-root), so each host's dockerd runs in a mount namespace of its own where
+the test's own run directory is bound onto /run: that node's plugin socket is then
+/run/docker/plugins/atomnet.sock, the driver "atomnet", exactly as in production, and
+nothing outside the test's directory is touched. (Two node namespaces share one
+filesystem, so without it both dockerds would find the same socket.) The mount namespace
+is persistent (bound to a file) and outlives a dockerd restart, as a host's would: the
+containers' netns bind mounts under --exec-root and the shims' sockets under
+/run/containerd/s live there, and a restarted dockerd (--live-restore) must find them, or
+it deletes every endpoint it cannot restore.
 """
 from __future__ import annotations
 
@@ -65,14 +69,24 @@ class DockerHost:
         # Short: containerd's socket under --exec-root must fit a unix socket path (108 bytes),
         # which pytest's tmp_path does not.
         self.dir = Path(f"/tmp/andk-{node.rig.uid}-{node.name}")
-        self.plugin_dir = self.dir / "plugins"
+        self.run_dir = self.dir / "run"
+        self.plugin_dir = self.run_dir / "docker" / "plugins"
         self.sock = self.dir / "docker.sock"
         self.plugin: subprocess.Popen | None = None
         self.dockerd: subprocess.Popen | None = None
         self.plugin_log = self.dir / "plugin.log"
         self.dockerd_log = self.dir / "dockerd.log"
-        for d in (self.plugin_dir, self.dir / "data", self.dir / "exec"):
+        for d in (self.plugin_dir, self.dir / "data", self.dir / "exec", self.dir / "ns"):
             d.mkdir(parents=True, exist_ok=True)
+        self.mnt_ns = self.dir / "ns" / "mnt"
+        self._mount_namespace()
+
+    def _mount_namespace(self) -> None:
+        ns_dir = self.mnt_ns.parent
+        sh("mount", "--bind", ns_dir, ns_dir)       # a namespace file must sit on a private mount
+        sh("mount", "--make-private", ns_dir)
+        self.mnt_ns.touch()
+        sh("unshare", f"--mount={self.mnt_ns}", "--propagation", "private", "mount", "--bind", self.run_dir, "/run")
 
     # ------------------------------------------------------------ processes
     def start_plugin(self) -> None:
@@ -90,14 +104,12 @@ class DockerHost:
 
     def start_dockerd(self) -> None:
         d = self.dir
-        script = (f"mount -t tmpfs atomnet-test-run /run && mkdir -p /run/docker/plugins && "
-                  f"mount --bind {self.plugin_dir} /run/docker/plugins && exec {DOCKERD} "
-                  "--iptables=false --ip6tables=false --bridge=none --ip-masq=false --live-restore "
-                  "--default-ulimit nofile=1024:1024 --default-ulimit nproc=1024:1024 "
-                  f"--data-root {d}/data --exec-root {d}/exec --pidfile {d}/dockerd.pid -H unix://{self.sock}")
-        # nsenter, unshare (no --fork) and sh (exec) all exec: the PID held is dockerd's.
-        self.dockerd = subprocess.Popen(self.node.nsenter + ["unshare", "--mount", "--propagation", "private",
-                                                             "sh", "-c", script],
+        cmd = [DOCKERD, *("--iptables=false --ip6tables=false --bridge=none --ip-masq=false --live-restore "
+                  "--default-ulimit nofile=1024:1024 --default-ulimit nproc=1024:1024").split(),
+               "--data-root", f"{d}/data", "--exec-root", f"{d}/exec", "--pidfile", f"{d}/dockerd.pid",
+               "-H", f"unix://{self.sock}"]
+        # nsenter execs (no --fork): the PID held is dockerd's.
+        self.dockerd = subprocess.Popen(self.node.nsenter + [f"--mount={self.mnt_ns}", *cmd],
                                         stdout=open(self.dockerd_log, "a"), stderr=subprocess.STDOUT)
         self._wait(lambda: self.sock.exists() and self.docker("version", check=False).returncode == 0,
                    "dockerd answering", self.dockerd, self.dockerd_log, timeout=60)
@@ -114,11 +126,25 @@ class DockerHost:
             for net in self.docker("network", "ls", "-q", "--filter", "driver=atomnet", check=False).stdout.split():
                 self.docker("network", "rm", net, check=False)
         self.stop_dockerd()
+        self._reap_leftovers()
         self.stop_plugin()
+        sh("umount", self.mnt_ns, check=False)
+        sh("umount", self.mnt_ns.parent, check=False)
         for log in (self.plugin_log, self.dockerd_log):   # kept with the test's other logs
             if log.exists():
                 shutil.copy(log, self.node.rig.tmp / f"{self.node.name}-{log.name}")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _reap_leftovers(self) -> None:
+        """With --live-restore, a stopped dockerd leaves its containerd and shims running
+        (that is the point); at teardown they go too: the processes whose command line
+        names this host's directory (unique per test), container processes first."""
+        mine = [pid for pid, cmd in _processes().items() if str(self.dir) in cmd]
+        for pid in mine:
+            for child in _children(pid):
+                _kill(child)
+        for pid in mine:
+            _kill(pid)
 
     # ------------------------------------------------------------ clients
     def docker(self, *args, check=True, timeout=60) -> subprocess.CompletedProcess:
@@ -177,3 +203,43 @@ class DockerHost:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _processes() -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _kill(pid: int, timeout: float = 10) -> None:
+    import os
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        try:
+            if (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return   # exited; its parent reaps it
+        except OSError:
+            return
+        time.sleep(0.05)

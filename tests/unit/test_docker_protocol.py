@@ -64,7 +64,8 @@ def test_request_pool_with_subnet_and_refusals():
     _, resp, calls = call("/IpamDriver.RequestPool", {"AddressSpace": "atomnet-local", "Pool": "10.244.0.0/16",
                                                      "SubPool": "", "Options": {}, "V6": False})
     assert resp["Pool"] == "10.244.0.0/16" and calls == [("request_pool", ("10.244.0.0/16",))]
-    assert call("/IpamDriver.RequestPool", {"Pool": "", "V6": True})[1]["Err"].startswith("atomnet is IPv4-only")
+    resp = call("/IpamDriver.RequestPool", {"Pool": "", "V6": True})[1]
+    assert resp["Error"] == resp["Err"] and resp["Error"].startswith("atomnet is IPv4-only")  # IPAM reads "Error"
     assert "--ip-range" in call("/IpamDriver.RequestPool", {"Pool": "10.244.0.0/16", "SubPool": "10.244.1.0/24"})[1]["Err"]
 
 

@@ -2,8 +2,9 @@
 
 Docker POSTs one JSON object per call to /Plugin.Activate, /NetworkDriver.<Method> and
 /IpamDriver.<Method> (libnetwork docs/remote.md and docs/ipam.md). A request that cannot
-be decoded gets HTTP 400; one that decodes but fails gets HTTP 200 with {"Err": "..."},
-which Docker shows as "remote: ..." (the docs' rule). The driver behind `dispatch` does
+be decoded gets HTTP 400; one that decodes but fails gets HTTP 200 with {"Err": "..."}
+({"Error": ...} too for IPAM: see error()), which Docker shows as "remote: ..." (the
+docs' rule). The driver behind `dispatch` does
 the I/O; this module only parses what Docker sends and shapes what it expects back.
 """
 from __future__ import annotations
@@ -285,15 +286,25 @@ ROUTES: dict[str, Callable[[Any, dict], dict]] = {
 }
 
 
+def error(path: str, message: str) -> dict:
+    """The network driver API reads {"Err"}, the IPAM API reads {"Error"} (libnetwork's
+    ipams/remote/api Response; an IPAM answer with only "Err" is taken as success, and
+    Docker then fails on the empty pool: "invalid CIDR address:"). Docker's plugin client
+    reads "Err" from any non-200 answer. So IPAM errors carry both."""
+    if path.startswith("/IpamDriver."):
+        return {"Err": message, "Error": message}
+    return {"Err": message}
+
+
 def dispatch(driver, path: str, body: bytes) -> tuple[int, dict]:
     """(HTTP status, response body) for one call. Never raises for a bad request."""
     handler = ROUTES.get(path)
     if handler is None:
-        return 404, {"Err": f"unknown method {path}"}
+        return 404, error(path, f"unknown method {path}")
     try:
         req = json.loads(body) if body and body.strip() else None
     except ValueError as exc:  # json.JSONDecodeError
-        return 400, {"Err": f"{path.lstrip('/')}: bad request: not JSON ({exc})"}
+        return 400, error(path, f"{path.lstrip('/')}: bad request: not JSON ({exc})")
     if req is None:
         req = {}   # Docker sends no body, or "null", for calls without arguments
     try:
@@ -301,6 +312,6 @@ def dispatch(driver, path: str, body: bytes) -> tuple[int, dict]:
             raise BadRequest("request body must be a JSON object")
         return 200, handler(driver, req)
     except BadRequest as exc:
-        return 400, {"Err": f"{path.lstrip('/')}: bad request: {exc}"}
+        return 400, error(path, f"{path.lstrip('/')}: bad request: {exc}")
     except AtomnetError as exc:
-        return 200, {"Err": str(exc)}
+        return 200, error(path, str(exc))

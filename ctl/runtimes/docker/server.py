@@ -33,7 +33,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's naming)
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
-            self._reply(413, {"Err": "request too large"})
+            self._reply(413, protocol.error(self.path, "request too large"))
             return
         body = self.rfile.read(length) if length else b""
         driver = self.server.driver
@@ -42,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status, resp = protocol.dispatch(driver, self.path, body)
         except Exception as exc:   # a bug: Docker still gets one line, the log gets the rest
             log.exception("docker_call_failed", method=self.path)
-            status, resp = 500, {"Err": f"atomnet internal error: {type(exc).__name__}: {exc}"}
+            status, resp = 500, protocol.error(self.path, f"atomnet internal error: {type(exc).__name__}: {exc}")
         log.info("docker_call", method=self.path.lstrip("/"), status=status,
                  request=_compact(body), error=resp.get("Err"))
         self._reply(status, resp)
