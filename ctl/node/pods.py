@@ -72,7 +72,7 @@ def add_runtime_pod(store: Store, node_name: str, name: str, labels: dict[str, s
                     runtime: str = "") -> Pod:
     """A pod whose runtime moves the pod end of the veth into its sandbox itself (Docker's
     libnetwork): the pair is made in the node's namespace, the pod end named `peer_ifname`
-    until the runtime takes it. The pod's netns is unknown until then (set_pod_netns)."""
+    until the runtime takes it. The pod's netns is unknown until then (update_pod)."""
     def plumb(undo: list, host_if: str, addr: str, mtu: int) -> tuple[str, str]:
         peer_mac, _host_mac = netplumb.create_runtime_links(host_if, peer_ifname, addr, mtu, mac=mac)
         return peer_mac, ""
@@ -81,14 +81,17 @@ def add_runtime_pod(store: Store, node_name: str, name: str, labels: dict[str, s
                 container_id=container_id, runtime=runtime)
 
 
-def set_pod_netns(store: Store, name: str, netns: str) -> Pod | None:
-    """Records where the runtime put the pod (informational: atomnet never removes it)."""
+def update_pod(store: Store, name: str, **fields) -> Pod | None:
+    """Records what the runtime tells later (where it put the pod, its own id, labels):
+    informational fields only, never the address or links."""
+    assert set(fields) <= {"netns", "container_id", "labels"}, fields
     pod = get_pod(store, name)
-    if pod is None or pod.netns == netns:
-        return pod
-    pod = dataclasses.replace(pod, netns=netns)
-    store.put(PODS_PREFIX + name, pod.to_json())
-    return pod
+    if pod is None:
+        return None
+    new = dataclasses.replace(pod, **fields)
+    if new != pod:
+        store.put(PODS_PREFIX + name, new.to_json())
+    return new
 
 
 def _add(store: Store, node_name: str, name: str, labels: dict[str, str], ip: str | None, plumb, *,

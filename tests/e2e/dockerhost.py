@@ -92,7 +92,8 @@ class DockerHost:
     def start_plugin(self) -> None:
         sock = self.plugin_dir / "atomnet.sock"
         ready = self._count(self.plugin_log, "docker_plugin_ready") + 1
-        self.plugin = subprocess.Popen(self.node.nsenter + ATOMNET + ["docker-plugin", "--socket", str(sock)],
+        self.plugin = subprocess.Popen(self.node.nsenter + ATOMNET + ["docker-plugin", "--socket", str(sock),
+                                                                  "--docker-host", f"unix://{self.sock}"],
                                        env=self.node.env(), stdout=open(self.plugin_log, "a"),
                                        stderr=subprocess.STDOUT, cwd=REPO)
         self._wait(lambda: self._count(self.plugin_log, "docker_plugin_ready") >= ready, "plugin ready",

@@ -79,10 +79,15 @@ def test_one_host_names_ports_services_and_cleanup(rig, docker_hosts):
     h1.docker("network", "create", "-d", "atomnet", "--ipam-driver", "atomnet", "atomnet")
     assert '"Driver": "atomnet"' in h1.docker("network", "inspect", "atomnet").stdout
 
-    web = run_web(h1, "web", "-p", "8080:80")
+    web = run_web(h1, "web", "-p", "8080:80", "--label", "app=frontend", "--label", "com.example.Bad_Key!=x")
     ip = h1.container_ip("web")
     pods = {p["name"]: p for p in n1.atomnet_json("pod", "list")}
     assert pods[web]["ip"] == ip and pods[web]["runtime"] == "docker"
+    # the plugin learns the container's id, name and labels from dockerd's API after Join
+    pod = wait_until(lambda: next((p for p in n1.atomnet_json("pod", "list") if p["name"] == web
+                                   and p["container_id"]), None), "the pod learns its container")
+    assert pod["container_id"] == h1.inspect("web")["Id"]
+    assert pod["labels"] == {"app": "frontend", "docker-name": "web"}
 
     # by name (Docker's embedded DNS on a user-defined network) and by address
     assert http_get(h1, "web").stdout.strip() == "web"
@@ -102,8 +107,8 @@ def test_one_host_names_ports_services_and_cleanup(rig, docker_hosts):
     assert wait_until(lambda: ext.exec("curl", "-s", "--max-time", "2", f"http://{n1.ip}:{port}/",
                                        check=False).stdout.strip() == "auto", "-P from outside")
 
-    # a service whose backend is a container
-    svc = n1.atomnet_json("service", "add", "websvc", "--port", "80", "--backend", web)
+    # a service selecting containers by their Docker labels
+    svc = n1.atomnet_json("service", "add", "websvc", "--port", "80", "--selector", "app=frontend")
     vip = svc["vip"] if isinstance(svc, dict) else svc[0]["vip"]
     assert http_get(h1, vip).stdout.strip() == "web"
 

@@ -117,3 +117,16 @@ def test_server_over_a_unix_socket(store, tmp_path):
     stale.bind(path)
     stale.close()
     PluginServer(path, drv.Driver(store, "n1")).server_close()
+
+
+def test_container_of_an_endpoint_and_its_labels():
+    from ctl.runtimes.docker.dockerapi import find_container, pod_labels
+    listed = [{"Id": "c1", "Names": ["/other"], "NetworkSettings": {"Networks": {"bridge": {"EndpointID": "aa" * 32}}}},
+              {"Id": "c2", "Names": ["/web"], "Labels": {"app": "frontend", "bad key!": "x", "k": "bad value!"},
+               "NetworkSettings": {"Networks": {"atomnet": {"EndpointID": EP}}}},
+              {"Id": "c3", "NetworkSettings": {"Networks": None}}]
+    assert find_container(listed, EP)["Id"] == "c2"
+    assert find_container(listed, EP[:12])["Id"] == "c2"   # the id prefix a pod name carries
+    assert find_container(listed, "bb" * 32) is None
+    assert pod_labels(listed[1]) == {"app": "frontend", "docker-name": "web"}
+    assert pod_labels({"Names": ["/Not_A_Valid-Label-Value-Because-It-Is-Way-Too-Long-For-Kubernetes-Labels-x"]}) == {}

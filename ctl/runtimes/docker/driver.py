@@ -20,8 +20,9 @@ from ...node import pods as podlib
 from ...state import cluster
 from ...state.forwards import delete_forward, list_forwards
 from ...state.model import HOST_IFNAME_PREFIX, host_ifname
-from ...state.pods import get_pod
+from ...state.pods import get_pod, list_pods
 from ...state.store import Store
+from .dockerapi import DockerAPI, pod_labels, wait_for_container
 from .protocol import ANY_POOL, PortBinding, portmap_value
 
 log = structlog.get_logger("atomnet.docker")
@@ -52,9 +53,35 @@ class Driver:
     """One per plugin process; calls are serialised (Docker makes few, and the store's
     claims are what make concurrent plugins on other nodes safe)."""
 
-    def __init__(self, store: Store, node: str):
-        self.store, self.node = store, node
+    def __init__(self, store: Store, node: str, docker: DockerAPI | None = None):
+        self.store, self.node, self.docker = store, node, docker
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Learns the containers of pods made before a restart that never learnt theirs."""
+        for pod in list_pods(self.store, self.node):
+            if pod.runtime == RUNTIME and not pod.container_id and pod.name.startswith(POD_PREFIX):
+                self._learn_later(pod.name[len(POD_PREFIX):])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _learn_later(self, endpoint_id: str) -> None:
+        if self.docker is not None:
+            threading.Thread(target=self._learn_container, args=(endpoint_id,), daemon=True).start()
+
+    def _learn_container(self, endpoint_id: str) -> None:
+        """The pod gets its container's id, labels and name (label docker-name), once
+        Docker lists the container: services can then select containers by label."""
+        found = wait_for_container(self.docker, endpoint_id, stop=self._stop)
+        if found is None:
+            return
+        with self._lock:
+            pod = podlib.update_pod(self.store, pod_name(endpoint_id), container_id=found.get("Id", ""),
+                                    labels=pod_labels(found))
+        if pod is not None:
+            log.info("docker_container_learnt", pod=pod.name, container=pod.container_id[:12], labels=pod.labels)
 
     def locked(self):
         return self._lock
@@ -130,9 +157,10 @@ class Driver:
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str, options: dict) -> str:
         name = pod_name(endpoint_id)
-        pod = podlib.set_pod_netns(self.store, name, sandbox_key) if sandbox_key else get_pod(self.store, name)
+        pod = podlib.update_pod(self.store, name, netns=sandbox_key) if sandbox_key else get_pod(self.store, name)
         if pod is None:
             raise AtomnetError(f"endpoint {endpoint_id[:12]} does not exist on this node")
+        self._learn_later(endpoint_id)
         log.info("docker_joined", endpoint=endpoint_id[:12], pod=name, sandbox=sandbox_key)
         return peer_ifname(pod.host_ifname)
 

@@ -115,9 +115,11 @@ def serve(path: str, driver) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    driver.start()
     log.info("docker_plugin_ready", socket=str(path), node=driver.node)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        driver.stop()
         server.server_close()
         log.info("docker_plugin_stopped", socket=str(path))
