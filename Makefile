@@ -19,6 +19,8 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute
 # The CNI plugin's e2e tests: podman 4.3 (CNI backend), containerd 1.6 (ctr), the reference
 # plugins chained after atomnet (bandwidth, tuning), runc, and busybox for an offline image.
 APT_PACKAGES += podman containerd containernetworking-plugins runc busybox-static
+# The Docker plugin's e2e tests: a real dockerd (20.10) and busybox for an image built offline.
+APT_PACKAGES += docker.io
 
 .PHONY: setup apt venv build test test-unit test-prog test-e2e bench demo demo-clean clean
 

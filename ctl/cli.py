@@ -68,6 +68,14 @@ def build_parser() -> Parser:
     d.add_argument("--lease-renew-margin", type=float, default=None, metavar="SECONDS",
                    help="renew this long before expiry (flannel: 3600; at most half the TTL)")
 
+    dp = verb(verbs, "docker-plugin", "serve Docker's remote network + IPAM driver \"atomnet\" (root)", _docker_plugin)
+    dp.add_argument("--socket", default=os.environ.get("ATOMNET_DOCKER_SOCKET", "/run/docker/plugins/atomnet.sock"),
+                    help="unix socket Docker finds the plugin by (env ATOMNET_DOCKER_SOCKET)")
+    dp.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///run/docker.sock"),
+                    help="dockerd's API, to learn each endpoint's container name and labels (env DOCKER_HOST)")
+    dp.add_argument("--log-format", choices=["json", "console"], default="json")
+    dp.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
     pod = verbs.add_parser("pod", help="pods").add_subparsers(dest="action", required=True, parser_class=Parser)
     add = verb(pod, "add", "create a pod: namespace, veth, address", _pod_add)
     add.add_argument("name")
@@ -461,9 +469,25 @@ def _daemon(args) -> None:
            debug_events=args.debug_events, **kwargs).run()
 
 
+def _docker_plugin(args) -> None:
+    from . import logs
+    from .runtimes.docker.dockerapi import DockerAPI
+    from .runtimes.docker.driver import Driver
+    from .runtimes.docker.server import serve
+    logs.configure(args.log_format, args.log_level)
+    if os.geteuid() != 0:
+        raise AtomnetError("atomnet docker-plugin must run as root (it creates the containers' links)")
+    try:
+        docker = DockerAPI(args.docker_host)
+    except ValueError as exc:
+        raise AtomnetError(str(exc)) from None
+    with _store(args) as store:
+        serve(args.socket, Driver(store, args.node, docker))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.verb != "daemon":
+    if args.verb not in ("daemon", "docker-plugin"):
         from . import logs
         logs.configure("console", os.environ.get("ATOMNET_LOG_LEVEL", "warning"))
     try:

@@ -112,30 +112,16 @@ def remove_netns(path: Path) -> None:
 
 def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int, ifname: str = POD_IFNAME,
                      mac: str | None = None) -> tuple[str, str]:
-    """Creates and configures the veth pair (`ifname` in the pod, with `mac` if given);
-    returns (pod interface MAC, host-side MAC).
+    """Creates and configures the veth pair; returns (pod interface MAC, host-side MAC).
     On any failure the pair is removed again, so nothing half-made stays behind."""
     fd = os.open(netns, os.O_RDONLY)
-    peer = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu}
-    if mac:
-        peer["address"] = mac
     try:
-        with ipr() as conn:
-            conn.link("add", ifname=host_if, kind="veth", mtu=mtu, peer=peer)
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:
-            raise AtomnetError(f"interface {host_if} (or {ifname} in {netns}) already exists") from None
-        if exc.code == errno.EADDRNOTAVAIL and mac:
-            raise ValidationError(f"invalid MAC address {mac}: not a unicast address") from None
-        raise
+        peer = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu, **({"address": mac} if mac else {})}
+        _add_veth(host_if, mtu, peer, f"interface {host_if} (or {ifname} in {netns}) already exists")
     finally:
         os.close(fd)
     try:
-        with ipr() as conn:
-            host_index = conn.link_lookup(ifname=host_if)[0]
-            host_mac = conn.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
-            conn.link("set", index=host_index, state="up")
-            conn.route("replace", dst=f"{ip}/32", oif=host_index, scope=253, proto=RT_PROTO_ATOMNET)
+        host_mac = _configure_host_side(host_if, ip)
         pod_ns = NetNS(str(netns), flags=0)
         try:
             lo = pod_ns.link_lookup(ifname="lo")[0]
@@ -145,8 +131,7 @@ def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int, ifname: str =
             pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
             # IPv4-only dataplane: no IPv6 link-local address, so no RS/MLD chatter that
             # from_pod would only drop (and count) as unsupported.
-            pod_ns.link("set", index=eth, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
-                ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
+            _no_ipv6_linklocal(pod_ns, eth)
             pod_ns.link("set", index=eth, state="up")
             pod_ns.route("add", dst=f"{POD_GATEWAY}/32", oif=eth, scope=253)
             pod_ns.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth)
@@ -157,6 +142,86 @@ def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int, ifname: str =
     except Exception:
         delete_pod_links(host_if)
         raise
+
+
+def create_runtime_links(host_if: str, peer_if: str, ip: str, mtu: int, mac: str | None = None) -> tuple[str, str]:
+    """The veth pair of a pod whose runtime moves the pod end into the sandbox itself
+    (libnetwork's remote driver: Docker moves `peer_if` at Join and sets its address and
+    routes from our answers). Both ends are made here in the node's namespace; the host
+    side is configured as for any pod. Docker cannot install a permanent neighbour entry
+    for the gateway, so the host side also carries POD_GATEWAY (scope link): the kernel
+    then answers the pod's ARP for it with the host-side MAC, whatever arp_ignore says
+    (the address is on the very interface asked). Returns (peer MAC, host-side MAC)."""
+    peer = {"ifname": peer_if, "mtu": mtu, **({"address": mac} if mac else {})}
+    _add_veth(host_if, mtu, peer, f"interface {host_if} or {peer_if} already exists")
+    try:
+        host_mac = _configure_host_side(host_if, ip)
+        with ipr() as conn:
+            host_index = conn.link_lookup(ifname=host_if)[0]
+            conn.addr("add", index=host_index, address=POD_GATEWAY, prefixlen=32, scope=253)
+            index = conn.link_lookup(ifname=peer_if)[0]
+            return conn.get_links(index)[0].get_attr("IFLA_ADDRESS"), host_mac
+    except Exception:
+        delete_pod_links(host_if)
+        raise
+
+
+
+def pod_link_problems(netns: Path, host_if: str, ifname: str, ip: str) -> list[str]:
+    """What differs from what create_pod_links made (CNI CHECK): the host-side veth, the pod's
+    interface, its /32 address, the gateway route and the default route. [] when all is there."""
+    problems = []
+    with ipr() as conn:
+        if not conn.link_lookup(ifname=host_if):
+            problems.append(f"host-side interface {host_if} is missing")
+    if not netns.exists():
+        return problems + [f"network namespace {netns} does not exist"]
+    pod_ns = NetNS(str(netns), flags=0)
+    try:
+        found = pod_ns.link_lookup(ifname=ifname)
+        if not found:
+            return problems + [f"interface {ifname} is missing in {netns}"]
+        index = found[0]
+        addrs = {a.get_attr("IFA_ADDRESS") for a in pod_ns.get_addr(index=index, family=2)}
+        if ip not in addrs:
+            problems.append(f"{ifname} does not have address {ip} (has {', '.join(sorted(addrs)) or 'none'})")
+        routes = [(r.get_attr("RTA_DST"), r["dst_len"], r.get_attr("RTA_GATEWAY"))
+                  for r in pod_ns.get_routes(family=2, table=254) if r.get_attr("RTA_OIF") == index]
+        if (POD_GATEWAY, 32, None) not in routes:
+            problems.append(f"no route to the gateway {POD_GATEWAY} on {ifname}")
+        if (None, 0, POD_GATEWAY) not in routes:
+            problems.append(f"no default route via {POD_GATEWAY} on {ifname}")
+    finally:
+        pod_ns.close()
+    return problems
+
+
+
+def _add_veth(host_if: str, mtu: int, peer: dict, exists_msg: str) -> None:
+    try:
+        with ipr() as conn:
+            conn.link("add", ifname=host_if, kind="veth", mtu=mtu, peer=peer)
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            raise AtomnetError(exists_msg) from None
+        if exc.code == errno.EADDRNOTAVAIL and "address" in peer:
+            raise ValidationError(f"invalid MAC address {peer['address']}: not a unicast address") from None
+        raise
+
+
+def _configure_host_side(host_if: str, ip: str) -> str:
+    """Host side up, the pod's /32 routed to it; returns its MAC."""
+    with ipr() as conn:
+        host_index = conn.link_lookup(ifname=host_if)[0]
+        host_mac = conn.get_links(host_index)[0].get_attr("IFLA_ADDRESS")
+        conn.link("set", index=host_index, state="up")
+        conn.route("replace", dst=f"{ip}/32", oif=host_index, scope=253, proto=RT_PROTO_ATOMNET)
+        return host_mac
+
+
+def _no_ipv6_linklocal(conn, index: int) -> None:
+    conn.link("set", index=index, IFLA_AF_SPEC={"attrs": [["AF_INET6", {"attrs": [
+        ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
 
 
 def delete_pod_links(host_if: str) -> bool:
@@ -239,32 +304,3 @@ def node_sysctls() -> list[str]:
             path.write_text(value)
             changed.append(key.replace("/", "."))
     return changed
-
-
-def pod_link_problems(netns: Path, host_if: str, ifname: str, ip: str) -> list[str]:
-    """What differs from what create_pod_links made (CNI CHECK): the host-side veth, the pod's
-    interface, its /32 address, the gateway route and the default route. [] when all is there."""
-    problems = []
-    with ipr() as conn:
-        if not conn.link_lookup(ifname=host_if):
-            problems.append(f"host-side interface {host_if} is missing")
-    if not netns.exists():
-        return problems + [f"network namespace {netns} does not exist"]
-    pod_ns = NetNS(str(netns), flags=0)
-    try:
-        found = pod_ns.link_lookup(ifname=ifname)
-        if not found:
-            return problems + [f"interface {ifname} is missing in {netns}"]
-        index = found[0]
-        addrs = {a.get_attr("IFA_ADDRESS") for a in pod_ns.get_addr(index=index, family=2)}
-        if ip not in addrs:
-            problems.append(f"{ifname} does not have address {ip} (has {', '.join(sorted(addrs)) or 'none'})")
-        routes = [(r.get_attr("RTA_DST"), r["dst_len"], r.get_attr("RTA_GATEWAY"))
-                  for r in pod_ns.get_routes(family=2, table=254) if r.get_attr("RTA_OIF") == index]
-        if (POD_GATEWAY, 32, None) not in routes:
-            problems.append(f"no route to the gateway {POD_GATEWAY} on {ifname}")
-        if (None, 0, POD_GATEWAY) not in routes:
-            problems.append(f"no default route via {POD_GATEWAY} on {ifname}")
-    finally:
-        pod_ns.close()
-    return problems

@@ -6,12 +6,14 @@ Every step that fails undoes the ones before it, so a failed add leaves nothing 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 
 from ..state import cluster
 from . import netplumb
 from ..errors import AtomnetError
-from ..state.model import POD_IFNAME, PODS_PREFIX, Node, Pod, host_ifname, validate_name, vtep_mac
+from ..state.model import PODS_PREFIX, POD_IFNAME, Node, Pod, host_ifname, validate_name, vtep_mac
 from ..state.pods import get_pod
 from ..state.store import Store
 
@@ -49,27 +51,67 @@ def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], net
     """`ip`/`mac` request an address (AtomnetError when outside the subnet or taken) and a MAC;
     container_id/runtime record which runtime's container the pod is (CNI, Docker)."""
     validate_name("pod", name)
-    if get_pod(store, name) is not None:
-        raise AtomnetError(f"pod {name} already exists")
-    node = local_node(store, node_name)
     path = netplumb.netns_path(netns or name)
-    owned = False
     if netns is not None and not path.exists():
         raise AtomnetError(f"network namespace {path} does not exist")
     if netns is None and path.exists():
         raise AtomnetError(f"network namespace {path} already exists: pass --netns {path} to use it")
+    owned = netns is None
+
+    def plumb(undo: list, host_if: str, addr: str, mtu: int) -> tuple[str, str]:
+        if owned:
+            netplumb.create_netns(path)
+            undo.append(lambda: netplumb.remove_netns(path))
+        pod_mac, _host_mac = netplumb.create_pod_links(path, host_if, addr, mtu, ifname=ifname, mac=mac)
+        return pod_mac, str(path)
+
+    return _add(store, node_name, name, labels, ip, plumb, netns_owned=owned, ifname=ifname,
+                container_id=container_id, runtime=runtime)
+
+
+def add_runtime_pod(store: Store, node_name: str, name: str, labels: dict[str, str], peer_ifname: str, *,
+                    ip: str | None = None, mac: str | None = None, container_id: str = "",
+                    runtime: str = "") -> Pod:
+    """A pod whose runtime moves the pod end of the veth into its sandbox itself (Docker's
+    libnetwork): the pair is made in the node's namespace, the pod end named `peer_ifname`
+    until the runtime takes it. The pod's netns is unknown until then (update_pod)."""
+    def plumb(undo: list, host_if: str, addr: str, mtu: int) -> tuple[str, str]:
+        peer_mac, _host_mac = netplumb.create_runtime_links(host_if, peer_ifname, addr, mtu, mac=mac)
+        return peer_mac, ""
+
+    return _add(store, node_name, name, labels, ip, plumb, netns_owned=False, ifname=POD_IFNAME,
+                container_id=container_id, runtime=runtime)
+
+
+def update_pod(store: Store, name: str, **fields) -> Pod | None:
+    """Records what the runtime tells later (where it put the pod, its own id, labels):
+    informational fields only, never the address or links."""
+    assert set(fields) <= {"netns", "container_id", "labels"}, fields
+    pod = get_pod(store, name)
+    if pod is None:
+        return None
+    new = dataclasses.replace(pod, **fields)
+    if new != pod:
+        store.put(PODS_PREFIX + name, new.to_json())
+    return new
+
+
+def _add(store: Store, node_name: str, name: str, labels: dict[str, str], ip: str | None, plumb, *,
+         netns_owned: bool, ifname: str, container_id: str, runtime: str) -> Pod:
+    """validate -> claim address -> links (plumb) -> claim the name; undone step by step on failure."""
+    validate_name("pod", name)
+    if get_pod(store, name) is not None:
+        raise AtomnetError(f"pod {name} already exists")
+    node = local_node(store, node_name)
     host_if = host_ifname(name)
     ip = cluster.allocate_address(store, node.subnet, name, requested=ip)
     undo = [lambda: cluster.release_address(store, ip, name)]
     try:
-        if netns is None:
-            netplumb.create_netns(path)
-            owned = True
-            undo.append(lambda: netplumb.remove_netns(path))
-        pod_mac, _host_mac = netplumb.create_pod_links(path, host_if, ip, node.pod_mtu, ifname=ifname, mac=mac)
+        pod_mac, netns = plumb(undo, host_if, ip, node.pod_mtu)
         undo.append(lambda: netplumb.delete_pod_links(host_if))
-        pod = Pod(name=name, node=node.name, ip=ip, netns=str(path), host_ifname=host_if, mac=pod_mac,
-                  labels=labels, netns_owned=owned, ifname=ifname, container_id=container_id, runtime=runtime)
+        pod = Pod(name=name, node=node.name, ip=ip, netns=netns, host_ifname=host_if, mac=pod_mac,
+                  labels=labels, netns_owned=netns_owned, ifname=ifname, container_id=container_id,
+                  runtime=runtime)
         if not store.create(PODS_PREFIX + name, pod.to_json()):
             raise AtomnetError(f"pod {name} already exists")
     except BaseException:
@@ -79,7 +121,7 @@ def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], net
             except Exception as exc:  # keep undoing; report the original failure
                 log.warning("pod_add_undo_failed", pod=name, error=str(exc))
         raise
-    log.info("pod_added", pod=name, ip=ip, host_ifname=host_if, netns=str(path))
+    log.info("pod_added", pod=name, ip=ip, host_ifname=host_if, netns=netns, runtime=runtime)
     return pod
 
 

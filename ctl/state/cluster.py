@@ -126,7 +126,7 @@ def allocate_address(store: Store, subnet: str, owner: str, requested: str | Non
             raise ValidationError(f"requested address {want} is not a pod address of this node's subnet {subnet}")
         if not store.create(IPAM_PREFIX + str(want), owner):
             holder = store.get(IPAM_PREFIX + str(want))
-            raise AtomnetError(f"requested address {want} is taken" + (f" by {holder.value}" if holder else ""))
+            raise AtomnetError(f"requested address {want} is already in use" + (f" (taken by {holder.value})" if holder else ""))
         return str(want)
     kvs, _ = store.list(IPAM_PREFIX)
     taken = {kv.key[len(IPAM_PREFIX):] for kv in kvs}

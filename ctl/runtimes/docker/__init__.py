@@ -1,0 +1,1 @@
+"""atomnet as a Docker network plugin: libnetwork remote network driver + IPAM driver."""
