@@ -16,6 +16,8 @@ BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-
 # Debian packages: build toolchain, bcc's Python bindings, and what tests/demo run.
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 \
 	etcd-server etcd-client iperf3 nginx-light wrk socat curl iputils-ping tcpdump shellcheck vagrant vagrant-libvirt
+# cluster DNS (ctl/dns): dig for the e2e tests, dnsmasq as the upstream and the benchmark's baseline, dnsperf
+APT_PACKAGES += dnsutils dnsmasq-base dnsperf wget
 
 .PHONY: setup apt venv build test test-unit test-prog test-e2e bench demo demo-clean clean
 

@@ -23,6 +23,7 @@ from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
 from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, list_leases, load_cluster_config, load_network
 from .dataplane.desired import Overlay, compute
+from .dns.service import DnsService
 from .errors import AtomnetError
 from .observe.metrics import Metrics
 from .dataplane.reconcile import apply
@@ -43,7 +44,8 @@ RETRY_MAX_SECONDS = 30.0
 class Daemon:
     def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
                  public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
-                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None, debug_events: bool = False):
+                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None, debug_events: bool = False,
+                 dns: DnsService | None = None):
         self.store_url = store_url
         self.store: Store | None = None
         self.node_name = node_name
@@ -61,6 +63,7 @@ class Daemon:
         self.metrics_address = metrics
         self.debug_events = debug_events
         self.metrics = Metrics()
+        self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own threads
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -85,6 +88,10 @@ class Daemon:
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
+        try:
+            self.dns.start(self.store)
+        except (AtomnetError, OSError) as exc:   # names are lost, the dataplane is not: keep forwarding
+            log.error("dns_failed", error=str(exc))
 
     def retry(self, what: str, fn):
         """Store trouble at start-up (etcd not up yet, no network config yet) is waited out with
@@ -179,16 +186,19 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._reload)
         self.start()
         revision = self.store.revision() + 1
+        self.dns.resync(self.store)   # listed after `revision`: the watch replays anything in between
         while not self.stopping:
             try:
                 try:
                     events = self.store.watch("/", revision, timeout=min(RESYNC_SECONDS, 0.5))
                 except Compacted:  # fell too far behind the history: a full resync covers it
                     revision = self.store.revision() + 1
+                    self.dns.resync(self.store)
                     self.reconcile()
                     continue
                 if events:
                     revision = events[-1].revision + 1
+                    self.dns.feed(events)   # names first: they need no dataplane
                     self.reconcile()
                 elif time.monotonic() - getattr(self, "_last_resync", 0) > RESYNC_SECONDS:
                     self._last_resync = time.monotonic()
@@ -217,6 +227,7 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        self.dns.stop()
         if self.store:
             self.store.close()
         if self.loaded:

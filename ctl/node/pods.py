@@ -9,7 +9,7 @@ from __future__ import annotations
 import structlog
 
 from ..state import cluster
-from . import netplumb
+from . import netplumb, resolvconf
 from ..errors import AtomnetError
 from ..state.model import PODS_PREFIX, Node, Pod, host_ifname, validate_name, vtep_mac
 from ..state.pods import get_pod
@@ -64,6 +64,9 @@ def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], net
             undo.append(lambda: netplumb.remove_netns(path))
         pod_mac, _host_mac = netplumb.create_pod_links(path, host_if, ip, node.pod_mtu)
         undo.append(lambda: netplumb.delete_pod_links(host_if))
+        # the cluster DNS: nameserver <dns-vip>, search svc/pod/<domain>, ndots:5 (ctl/state/names.py)
+        if resolvconf.write(path, cluster.resolver_config(store)):
+            undo.append(lambda: resolvconf.remove(path))
         pod = Pod(name=name, node=node.name, ip=ip, netns=str(path), host_ifname=host_if, mac=pod_mac,
                   labels=labels, netns_owned=owned)
         if not store.create(PODS_PREFIX + name, pod.to_json()):
@@ -88,6 +91,7 @@ def delete_pod(store: Store, node_name: str, name: str) -> Pod | None:
     if pod.node != node_name:
         raise AtomnetError(f"pod {name} lives on node {pod.node}: delete it there")
     netplumb.delete_pod_links(pod.host_ifname)
+    resolvconf.remove(netplumb.netns_path(pod.netns))
     if pod.netns_owned:
         netplumb.remove_netns(netplumb.netns_path(pod.netns))
     # Record last: a crash midway leaves the record, so running `pod del` again finishes the job.
