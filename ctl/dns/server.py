@@ -82,13 +82,13 @@ class DnsServer:
         try:
             self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.udp.bind((self.address, self.port))
+            self.port = self.udp.getsockname()[1]   # port 0 (tests): TCP takes the port UDP got
             self.tcp.bind((self.address, self.port))
             self.tcp.listen(128)
         except OSError:
             self.udp.close()
             self.tcp.close()
             raise
-        self.port = self.udp.getsockname()[1]
         self.pool = ThreadPoolExecutor(UPSTREAM_WORKERS, thread_name_prefix="dns-upstream")
         for target, name in ((self._udp_loop, "dns-udp"), (self._tcp_loop, "dns-tcp")):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -96,6 +96,8 @@ class DnsServer:
             self._threads.append(t)
 
     def stop(self) -> None:
+        if self._stop_w.fileno() < 0:
+            return   # stopped already
         self._stop_w.send(b"x")   # wakes both loops' select()
         for t in self._threads:
             t.join(timeout=5)
