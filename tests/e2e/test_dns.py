@@ -152,3 +152,45 @@ for _ in range(2):
     state = not state
     print(json.dumps({"present": state, "at": time.monotonic()}), flush=True)
 '''
+
+
+def wait_tunnels(node, count: int, timeout: float = 20) -> None:
+    wait_until(f"{node.name} has {count} tunnels", lambda: len(node.atomnet_json("tunnel", "list")) == count, timeout)
+
+
+def test_names_across_two_nodes_each_answered_by_its_own_node(rig):
+    n1, n2 = rig.add_node("n1"), rig.add_node("n2")
+    for n in (n1, n2):
+        n.start_daemon()
+    web = n1.add_pod("w1", "--label", "app=web")
+    far = n2.add_pod("far")
+    n1.wait_endpoint(web["ip"])
+    n2.wait_endpoint(far["ip"])
+    wait_tunnels(n1, 1)
+    wait_tunnels(n2, 1)
+    nginx(rig, web["name"])
+    svc = n1.atomnet_json("service", "add", "web", "--port", "80:8080", "--selector", "app=web")
+    pod = far["name"]
+    wait_until("web resolves on n2", lambda: short(pod, "web.svc.cluster.local") == [svc["vip"]], 5)
+    assert short(pod, f"{web['name']}.pod.cluster.local") == [web["ip"]]       # a pod of the other node
+    assert short(pod, "n1.node.cluster.local") == [n1.ip]
+    assert in_pod(pod, "wget", "-qO-", "-T", "5", "http://web/").stdout.strip() == web["name"]
+    assert in_pod(far["name"], "getent", "hosts", f"{web['name']}.pod.cluster.local").stdout.split()[0] == web["ip"]
+
+    # node-local: n2's server answered all of that, n1's none of it
+    def answered(node):
+        stats = {r["counter"]: r["packets"] for r in node.atomnet_json("stats")}   # (not counting itself)
+        return sum(v for k, v in stats.items() if k.startswith("dns:answered_"))
+    before = answered(n1)
+    for _ in range(5):
+        short(pod, "web.svc.cluster.local")
+    assert answered(n1) == before and answered(n2) >= 5
+
+    # bad input from a pod: FORMERR, counted in `stats`; the server keeps answering
+    garbage = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2);"
+               f"s.sendto(b'\\x42\\x42\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\xc0\\x0c\\x00\\x01\\x00\\x01',"
+               f" ('{DNS_VIP}', 53)); d=s.recv(512); sys.stdout.write(str(d[3] & 15))")
+    assert in_pod(pod, "/usr/bin/python3", "-c", garbage).stdout == "1"   # rcode 1 = FORMERR (a pointer loop)
+    stats = {r["counter"]: r["packets"] for r in n2.atomnet_json("stats")}
+    assert stats["dns:malformed_formerr"] >= 1
+    assert short(pod, "web.svc.cluster.local") == [svc["vip"]]
