@@ -13,6 +13,7 @@ import dns.rdatatype
 import dns.rcode
 
 from ..errors import AtomnetError
+from ..node import dnsdevice
 from ..state.store import Store
 from .records import PREFIXES, NameIndex
 from .server import STATS_NAME
@@ -31,6 +32,9 @@ def list_records(store: Store) -> list[dict]:
 
 
 def _ask(vip: str, msg: dns.message.Message, tcp: bool) -> tuple[dns.message.Message, str]:
+    # Only ever the node's own server: without the VIP on lo a query would be routed away.
+    if not dnsdevice.present(vip):
+        raise AtomnetError(f"this node does not hold the DNS VIP {vip}: is the daemon running here?")
     try:
         if not tcp:
             response = dns.query.udp(msg, vip, timeout=TIMEOUT)

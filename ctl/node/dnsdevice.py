@@ -34,3 +34,11 @@ def ensure(vip: str) -> int:
         if not present:
             conn.addr("add", index=index, address=vip, prefixlen=32, label=LABEL)
         return index
+
+
+def present(vip: str) -> bool:
+    """Whether this node holds the DNS VIP (so a query to it stays on the node)."""
+    with ipr() as conn:
+        index = conn.link_lookup(ifname="lo")[0]
+        return any(a.get_attr("IFA_ADDRESS") == vip and a.get_attr("IFA_LABEL") == LABEL
+                   for a in dump(lambda: list(conn.get_addr(index=index, family=2))))
