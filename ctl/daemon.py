@@ -86,12 +86,12 @@ class Daemon:
         self.loaded = self.loader.load()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
-        log.info("dataplane_ready", bpffs=str(self.loader.root),
-                 programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
-        try:
-            self.dns.start(self.store)
+        try:   # before dataplane_ready: a node that says it is ready answers names too
+            self.dns.start(self.store, self.store_url)   # names follow the store on their own watch
         except (AtomnetError, OSError) as exc:   # names are lost, the dataplane is not: keep forwarding
             log.error("dns_failed", error=str(exc))
+        log.info("dataplane_ready", bpffs=str(self.loader.root),
+                 programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
 
     def retry(self, what: str, fn):
         """Store trouble at start-up (etcd not up yet, no network config yet) is waited out with
@@ -186,19 +186,16 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._reload)
         self.start()
         revision = self.store.revision() + 1
-        self.dns.resync(self.store)   # listed after `revision`: the watch replays anything in between
         while not self.stopping:
             try:
                 try:
                     events = self.store.watch("/", revision, timeout=min(RESYNC_SECONDS, 0.5))
                 except Compacted:  # fell too far behind the history: a full resync covers it
                     revision = self.store.revision() + 1
-                    self.dns.resync(self.store)
                     self.reconcile()
                     continue
                 if events:
                     revision = events[-1].revision + 1
-                    self.dns.feed(events)   # names first: they need no dataplane
                     self.reconcile()
                 elif time.monotonic() - getattr(self, "_last_resync", 0) > RESYNC_SECONDS:
                     self._last_resync = time.monotonic()

@@ -63,39 +63,53 @@ class Answer:
     additional: list = field(default_factory=list)
 
 
-def reverse_zone(net: ipaddress.IPv4Network) -> dns.name.Name:
-    """The in-addr.arpa zone covering a network, rounded out to whole octets (10.96.0.0/12 -> 10.in-addr.arpa)."""
+def reverse_zone(net: ipaddress.IPv4Network) -> str:
+    """The in-addr.arpa zone covering a network, rounded out to whole octets (10.96.0.0/12 -> 10.in-addr.arpa.)."""
     octets = max(1, net.prefixlen // 8)
     parts = str(net.network_address).split(".")[:octets]
-    return dns.name.from_text(".".join(reversed(parts)) + ".in-addr.arpa.")
+    return ".".join(reversed(parts)) + ".in-addr.arpa."
 
 
-def reverse_name(ip: str) -> dns.name.Name:
-    return dns.name.from_text(".".join(reversed(ip.split("."))) + ".in-addr.arpa.")
+def reverse_name(ip: str) -> str:
+    return ".".join(reversed(ip.split("."))) + ".in-addr.arpa."
 
 
-def _ip_of_reverse(name: dns.name.Name) -> ipaddress.IPv4Address | None:
-    labels = [lbl.decode("ascii", "replace") for lbl in name.labels[:-3]]   # drop in-addr.arpa.
-    if len(name.labels) != 7 or name.labels[-3:-1] != (b"in-addr", b"arpa"):
+def _ip_of_reverse(name: str) -> ipaddress.IPv4Address | None:
+    labels = name.split(".")
+    if len(labels) != 7 or labels[4:] != ["in-addr", "arpa", ""]:
         return None
     try:
-        return ipaddress.IPv4Address(".".join(reversed(labels)))
+        return ipaddress.IPv4Address(".".join(reversed(labels[:4])))
     except ValueError:
         return None
 
 
+def _under(name: str, zone: str) -> bool:
+    return name == zone or name.endswith("." + zone)
+
+
+def _check_name(name: str) -> None:
+    labels = name.split(".")[:-1]
+    if len(name) > 254 or not all(0 < len(lbl) <= 63 for lbl in labels):
+        raise ValueError(f"not a DNS name: {name!r}")
+
+
 class NameIndex:
-    """Thread-safe: the daemon's loop applies changes, server threads look up."""
+    """Thread-safe: the daemon's loop applies changes, server threads look up.
+
+    Records are kept as text (owner names lowercase and absolute, with the final dot):
+    dnspython objects are costly to make and hash, so an RRset is built only when it is
+    first asked for, and kept until one of its records changes."""
 
     def __init__(self, service_ttl: int = DEFAULT_SERVICE_TTL, pod_ttl: int = DEFAULT_POD_TTL):
         self.service_ttl, self.pod_ttl = service_ttl, pod_ttl
         self._lock = threading.Lock()
         self._raw: dict[str, str] = {}                  # store key -> value, for the prefixes above
         self._owned: dict[str, list[tuple]] = {}        # store key -> the records it contributed
-        self._data: dict[dns.name.Name, dict[int, Counter]] = {}   # name -> type -> rdata -> refcount
+        self._data: dict[str, dict[int, Counter]] = {}  # name -> type -> rdata text -> refcount
         self._ttl: dict[tuple, int] = {}                # (name, type) -> ttl
         self._rrsets: dict[tuple, dns.rrset.RRset] = {}  # (name, type) -> built rrset (cache)
-        self._below: Counter = Counter()                # name -> records at or below it (empty non-terminals)
+        self._below: Counter = Counter()                # name -> names with records at or below it
         self.generation = 0                             # bumped on every change (the server's answer cache key)
         self._serial = int(time.time())
         self._set_config(ClusterConfig(), None)
@@ -108,8 +122,9 @@ class NameIndex:
 
     def load(self, items) -> None:
         """Replaces everything with these (key, value) pairs (a full list of the prefixes)."""
+        raw = {k: v for k, v in items if self.wants(k)}
         with self._lock:
-            self._raw = {k: v for k, v in items if self.wants(k)}
+            self._raw = raw
             self._rebuild()
 
     def apply(self, key: str, value: str | None) -> bool:
@@ -140,52 +155,52 @@ class NameIndex:
     # ------------------------------------------------------------------ queries
 
     @property
-    def domain(self) -> dns.name.Name:
+    def domain(self) -> str:
         return self._domain
 
     @property
     def dns_vip(self) -> str:
         return self._dns_vip
 
-    def zone_of(self, qname: dns.name.Name) -> dns.name.Name | None:
-        """The zone of ours that qname falls in, or None (not ours: forward it)."""
-        if qname.is_subdomain(self._domain):
+    def zone_of(self, name: str) -> str | None:
+        """The zone of ours that a (lowercase, absolute) name falls in, or None (not ours: forward it)."""
+        if _under(name, self._domain):
             return self._domain
-        ip = _ip_of_reverse(qname)
-        if ip is None and len(qname.labels) >= 7:
+        if not name.endswith(".in-addr.arpa."):
+            return None
+        ip = _ip_of_reverse(name)
+        if ip is None and name.count(".") >= 7:
             return None   # not an IPv4 reverse name: leave it to the upstream
         best = None   # the most specific of our reverse zones (10.in-addr.arpa vs 244.10.in-addr.arpa)
         for zone, nets in self._rzones.items():
-            if qname.is_subdomain(zone) and (ip is None or any(ip in n for n in nets)):
-                if best is None or len(zone.labels) > len(best.labels):
+            if _under(name, zone) and (ip is None or any(ip in n for n in nets)):
+                if best is None or len(zone) > len(best):
                     best = zone
         return best   # None: an address outside our networks (even under the same /8)
 
     def lookup(self, qname: dns.name.Name, rdtype: int) -> Answer | None:
+        name = qname.to_text().lower()
         with self._lock:
-            zone = self.zone_of(qname)
+            zone = self.zone_of(name)
             if zone is None:
                 return None
-            types = self._data.get(qname)
+            types = self._data.get(name)
             if types:
                 wanted = list(types) if rdtype == ANY else [rdtype] if rdtype in types else []
                 if wanted:
-                    answer = [self._rrset(qname, t) for t in wanted]
-                    return Answer(dns.rcode.NOERROR, answer, [], self._glue(answer))
+                    answer = [self._rrset(name, t) for t in wanted]
+                    return Answer(dns.rcode.NOERROR, answer, [], self._glue(name, wanted))
             soa = self._rrset(zone, SOA)
-            if types or self._below.get(qname):
+            if types or self._below.get(name):
                 return Answer(dns.rcode.NOERROR, [], [soa])      # NODATA
             return Answer(dns.rcode.NXDOMAIN, [], [soa])
 
     def rows(self) -> list[dict]:
         """Every record, for `atomnet dns list`."""
         with self._lock:
-            out = []
-            for name, types in self._data.items():
-                for rdtype in types:
-                    rrset = self._rrset(name, rdtype)
-                    out += [{"name": name.to_text(), "type": dns.rdatatype.to_text(rdtype), "ttl": rrset.ttl,
-                             "data": rd.to_text()} for rd in rrset]
+            out = [{"name": name, "type": dns.rdatatype.to_text(rdtype), "ttl": self._ttl[(name, rdtype)],
+                    "data": self._soa_text(text) if rdtype == SOA else text}
+                   for name, types in self._data.items() for rdtype, texts in types.items() for text in texts]
         return sorted(out, key=lambda r: (r["name"].split(".")[::-1], r["type"], r["data"]))
 
     # ------------------------------------------------------------------ internals
@@ -193,14 +208,15 @@ class NameIndex:
     def _changed(self) -> None:
         self.generation += 1
         self._serial = max(self._serial + 1, int(time.time()))
-        self._rrsets = {k: v for k, v in self._rrsets.items() if k[1] != SOA} if self._rrsets else {}
+        for zone in [self._domain, *self._rzones]:
+            self._rrsets.pop((zone, SOA), None)   # the serial moved
 
     def _set_config(self, cfg: ClusterConfig, net: NetworkConfig | None) -> None:
         self._cfg = cfg
-        self._domain = dns.name.from_text(cfg.cluster_domain)
+        self._domain = cfg.cluster_domain.lower().rstrip(".") + "."
         self._dns_vip = dns_vip_of(cfg)
         service_net = ipaddress.IPv4Network(cfg.service_cidr)
-        self._rzones: dict[dns.name.Name, list] = {}
+        self._rzones: dict[str, list] = {}
         for n in [service_net] + ([net.net] if net else []):
             self._rzones.setdefault(reverse_zone(n), []).append(n)
 
@@ -220,18 +236,20 @@ class NameIndex:
             self._refresh(key)
         self._changed()
 
-    def _name(self, *labels: str) -> dns.name.Name:
-        return dns.name.Name(tuple(lbl.encode() for lbl in labels)).concatenate(self._domain)
+    def _name(self, *labels: str) -> str:
+        return ".".join(labels).lower() + "." + self._domain
+
+    def _soa_text(self, text: str) -> str:
+        return text.replace(" SERIAL ", f" {self._serial % 2**32} ")
 
     def _add_static(self) -> None:
         d = self._domain
         ns = self._name("ns", "dns")
-        rname = dns.name.Name((b"hostmaster",)).concatenate(d)
-        recs = [(ns, A, self._dns_vip, self.service_ttl), (d, NS, ns.to_text(), self.service_ttl),
-                (reverse_name(self._dns_vip), PTR, ns.to_text(), self.service_ttl)]
+        recs = [(ns, A, self._dns_vip, self.service_ttl), (d, NS, ns, self.service_ttl),
+                (reverse_name(self._dns_vip), PTR, ns, self.service_ttl)]
         for zone in [d, *self._rzones]:
-            recs.append((zone, SOA, f"{ns} {rname} 1 {SOA_REFRESH} {SOA_RETRY} {SOA_EXPIRE} {self.pod_ttl}",
-                         self.pod_ttl))
+            recs.append((zone, SOA, f"{ns} hostmaster.{d} SERIAL {SOA_REFRESH} {SOA_RETRY} {SOA_EXPIRE} "
+                                    f"{self.pod_ttl}", self.pod_ttl))
         self._owned[""] = []
         self._add("", recs)
 
@@ -252,7 +270,7 @@ class NameIndex:
         if key.startswith(PODS_PREFIX):
             pod = Pod.from_json(value)
             name = self._name(pod.name, "pod")
-            return [(name, A, pod.ip, pt), (reverse_name(pod.ip), PTR, name.to_text(), pt)]
+            return [(name, A, pod.ip, pt), (reverse_name(pod.ip), PTR, name, pt)]
         if key.startswith(NODES_PREFIX):
             node = Node.from_json(value)
             if not _LABEL.match(node.name):
@@ -261,7 +279,7 @@ class NameIndex:
         if key.startswith(SERVICES_PREFIX):
             svc = Service.from_json(value)
             name = self._name(svc.name, "svc")
-            recs = [(name, A, svc.vip, st), (reverse_name(svc.vip), PTR, name.to_text(), st)]
+            recs = [(name, A, svc.vip, st), (reverse_name(svc.vip), PTR, name, st)]
             for p in svc.ports:
                 recs.append((self._name(f"_{p.port}", f"_{p.proto}", svc.name, "svc"), SRV,
                              f"0 100 {p.port} {name}", st))
@@ -272,9 +290,9 @@ class NameIndex:
             return recs
         if key.startswith(FORWARDS_PREFIX):
             fwd = Forward.from_json(value)
-            node = next((n for n in self._nodes() if n.name == fwd.node), None)
             if not _LABEL.match(fwd.node):
                 return []
+            node = next((n for n in self._nodes() if n.name == fwd.node), None)
             target = self._name(fwd.node, "node")
             recs = []
             if node is None or node.public_ip != fwd.host_ip:
@@ -307,26 +325,26 @@ class NameIndex:
 
     def _add(self, key: str, recs: list[tuple]) -> None:
         for name, rdtype, text, ttl in recs:
-            rd = dns.rdata.from_text(IN, rdtype, text, origin=dns.name.root, relativize=False)
+            _check_name(name)
+            if rdtype == A:
+                ipaddress.IPv4Address(text)   # checked now: a bad one must fail here, not at query time
             types = self._data.get(name)
-            first = types is None
-            if first:
+            if types is None:
                 types = self._data[name] = {}
-            types.setdefault(rdtype, Counter())[rd] += 1
-            self._ttl[(name, rdtype)] = ttl
-            self._rrsets.pop((name, rdtype), None)
-            if first:
                 for anc in self._ancestors(name):
                     self._below[anc] += 1
-            self._owned[key].append((name, rdtype, rd))
+            types.setdefault(rdtype, Counter())[text] += 1
+            self._ttl[(name, rdtype)] = ttl
+            self._rrsets.pop((name, rdtype), None)
+            self._owned[key].append((name, rdtype, text))
 
     def _remove(self, key: str) -> None:
-        for name, rdtype, rd in self._owned.pop(key, ()):
+        for name, rdtype, text in self._owned.pop(key, ()):
             types = self._data[name]
             counts = types[rdtype]
-            counts[rd] -= 1
-            if counts[rd] <= 0:
-                del counts[rd]
+            counts[text] -= 1
+            if counts[text] <= 0:
+                del counts[text]
             if not counts:
                 del types[rdtype]
                 self._ttl.pop((name, rdtype), None)
@@ -338,32 +356,31 @@ class NameIndex:
                     if self._below[anc] <= 0:
                         del self._below[anc]
 
-    def _ancestors(self, name: dns.name.Name):
-        while len(name.labels) > 1:
+    @staticmethod
+    def _ancestors(name: str):
+        """The name and its parents, up to (without) the root: a.b.c. -> a.b.c., b.c., c."""
+        while name and name != ".":
             yield name
-            name = name.parent()
+            name = name.partition(".")[2]
 
-    def _rrset(self, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset:
+    def _rrset(self, name: str, rdtype: int) -> dns.rrset.RRset:
         rrset = self._rrsets.get((name, rdtype))
         if rrset is None:
+            texts = sorted(self._data[name][rdtype])
             if rdtype == SOA:
-                zone_soa = next(iter(self._data[name][SOA]))
-                rd = zone_soa.replace(serial=self._serial % 2**32)
-                rrset = dns.rrset.from_rdata_list(name, self._ttl[(name, SOA)], [rd])
-            else:
-                rrset = dns.rrset.from_rdata_list(name, self._ttl[(name, rdtype)],
-                                                  sorted(self._data[name][rdtype], key=lambda r: r.to_text()))
+                texts = [self._soa_text(t) for t in texts]
+            rrset = dns.rrset.from_text_list(name, self._ttl[(name, rdtype)], IN, rdtype, texts)
             self._rrsets[(name, rdtype)] = rrset
         return rrset
 
-    def _glue(self, answer: list) -> list:
+    def _glue(self, name: str, types: list[int]) -> list:
         """A records of the SRV/NS targets we know, so a client needs no second query."""
         out, seen = [], set()
-        for rrset in answer:
-            if rrset.rdtype not in (SRV, NS):
+        for rdtype in types:
+            if rdtype not in (SRV, NS):
                 continue
-            for rd in rrset:
-                target = rd.target
+            for text in sorted(self._data[name][rdtype]):
+                target = text.split()[-1]
                 if target not in seen and A in self._data.get(target, {}):
                     seen.add(target)
                     out.append(self._rrset(target, A))
