@@ -21,6 +21,8 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute
 APT_PACKAGES += podman containerd containernetworking-plugins runc busybox-static
 # The Docker plugin's e2e tests: a real dockerd (20.10) and busybox for an image built offline.
 APT_PACKAGES += docker.io
+# cluster DNS (ctl/dns): dig for the e2e tests, dnsmasq as the upstream and the benchmark's baseline, dnsperf
+APT_PACKAGES += dnsutils dnsmasq-base dnsperf wget
 
 .PHONY: setup apt venv build test test-unit test-prog test-e2e bench demo demo-clean clean
 

@@ -53,6 +53,8 @@ def build_parser() -> Parser:
     init.add_argument("--cidr", required=True)
     init.add_argument("--subnet-len", type=int, default=24)
     init.add_argument("--service-cidr", default="10.96.0.0/12")
+    init.add_argument("--cluster-domain", default="cluster.local", help="the cluster DNS domain")
+    init.add_argument("--dns-vip", help="the cluster DNS address (default: the service CIDR's 10th address)")
     verb(net, "show", "show the network config and this node's subnet", _network_show)
 
     d = verb(verbs, "daemon", "run the node's controller (root)", _daemon)
@@ -67,6 +69,16 @@ def build_parser() -> Parser:
                    help="subnet lease TTL (flannel: 86400)")
     d.add_argument("--lease-renew-margin", type=float, default=None, metavar="SECONDS",
                    help="renew this long before expiry (flannel: 3600; at most half the TTL)")
+    d.add_argument("--upstream", action="append", default=[], metavar="IP[:PORT]",
+                   help="resolver for names outside the cluster (repeatable; default: /etc/resolv.conf's)")
+    d.add_argument("--dns-ttl", type=int, default=30, metavar="SECONDS", help="TTL of service and node names")
+    d.add_argument("--dns-pod-ttl", type=int, default=5, metavar="SECONDS", help="TTL of pod and forward names")
+    dnsv = verbs.add_parser("dns", help="cluster DNS").add_subparsers(dest="action", required=True, parser_class=Parser)
+    verb(dnsv, "list", "every name this node's DNS answers from the cluster state", _dns_list)
+    dq = verb(dnsv, "query", "ask this node's DNS server (UDP, TCP on truncation)", _dns_query)
+    dq.add_argument("name")
+    dq.add_argument("type", nargs="?", default="A")
+    dq.add_argument("--tcp", action="store_true", help="query over TCP")
 
     dp = verb(verbs, "docker-plugin", "serve Docker's remote network + IPAM driver \"atomnet\" (root)", _docker_plugin)
     dp.add_argument("--socket", default=os.environ.get("ATOMNET_DOCKER_SOCKET", "/run/docker/plugins/atomnet.sock"),
@@ -167,9 +179,11 @@ POD_COLUMNS = ["name", "node", "ip", "netns", "ifname", "host_ifname", "mac", "l
 def _network_init(args) -> None:
     from .state.cluster import init_network
     with _store(args) as store:
-        cfg, cluster = init_network(store, args.cidr, args.subnet_len, args.service_cidr)
+        cfg, cluster = init_network(store, args.cidr, args.subnet_len, args.service_cidr,
+                                    args.cluster_domain, args.dns_vip)
     emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
-          "service_cidr": cluster.service_cidr}, args.json)
+          "service_cidr": cluster.service_cidr, "cluster_domain": cluster.cluster_domain,
+          "dns_vip": cluster.dns_vip}, args.json)
 
 
 def _network_show(args) -> None:
@@ -297,7 +311,20 @@ def _stats(args) -> None:
     rows = counters(loader)
     rows += [{"counter": f"service:{r['service']}:{r['port']}/{r['proto']}", "packets": r["packets"],
               "bytes": r["bytes"]} for r in lb_list(loader, _service_port_names(args))]
+    rows += _dns_stats(args)
     emit(rows, args.json)
+
+
+def _dns_stats(args) -> list[dict]:
+    """The DNS server's counters (queries, answers, malformed input): rows `dns:NAME`."""
+    from .dns.client import server_stats
+    from .state.cluster import dns_vip_of, load_cluster_config
+    try:
+        with _store(args) as store:
+            vip = dns_vip_of(load_cluster_config(store))
+    except AtomnetError:
+        return []
+    return [{"counter": f"dns:{k}", "packets": v, "bytes": None} for k, v in sorted((server_stats(vip) or {}).items())]
 
 
 def _print_explain(r: dict) -> None:
@@ -445,6 +472,28 @@ def _forward_list(args) -> None:
     emit([_forward_row(f, counters) for f in forwards], args.json, FORWARD_COLUMNS + ["node"], "no forwards")
 
 
+def _dns_list(args) -> None:
+    from .dns.client import list_records
+    with _store(args) as store:
+        emit(list_records(store), args.json, ["name", "type", "ttl", "data"], "no names")
+
+
+def _dns_query(args) -> None:
+    from .dns.client import query
+    from .state.cluster import dns_vip_of, load_cluster_config
+    with _store(args) as store:
+        vip = dns_vip_of(load_cluster_config(store))
+    result = query(vip, args.name, args.type, args.tcp)
+    if args.json:
+        emit(result, True)
+    else:
+        print(f"{result['rcode']} from {result['server']} over {result['transport']}"
+              + (" (authoritative)" if result["authoritative"] else ""))
+        for section in ("answer", "authority", "additional"):
+            for r in result[section]:
+                print(f"{section:<11}{r['name']} {r['ttl']} {r['type']} {r['data']}")
+
+
 def _read_file(path: str) -> str:
     try:
         with open(path) as fh:
@@ -461,12 +510,17 @@ def _cni_install(args) -> None:
 def _daemon(args) -> None:
     from . import logs
     from .daemon import Daemon
+    from .dns.service import DnsService
     logs.configure(args.log_format, args.log_level)
     if os.geteuid() != 0:
         raise AtomnetError("atomnet daemon must run as root (it loads BPF programs and changes links)")
+    for what, ttl in (("--dns-ttl", args.dns_ttl), ("--dns-pod-ttl", args.dns_pod_ttl)):
+        if not 0 <= ttl <= 86400:
+            raise AtomnetError(f"invalid {what} {ttl}: seconds, 0-86400")
+    dns = DnsService(args.upstream, args.dns_ttl, args.dns_pod_ttl)   # a bad --upstream fails here
     kwargs = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("renew_margin", args.lease_renew_margin)) if v}
     Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, metrics=args.metrics,
-           debug_events=args.debug_events, **kwargs).run()
+           debug_events=args.debug_events, dns=dns, **kwargs).run()
 
 
 def _docker_plugin(args) -> None:

@@ -40,6 +40,7 @@ from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
 from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, load_network
 from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
+from .dns.service import DnsService
 from .errors import AtomnetError
 from .observe.metrics import Metrics
 from .dataplane.reconcile import Reconciler
@@ -67,7 +68,8 @@ RETRY_MAX_SECONDS = 30.0
 class Daemon:
     def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
                  public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
-                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None, debug_events: bool = False):
+                 renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None, debug_events: bool = False,
+                 dns: DnsService | None = None):
         self.store_url = store_url
         self.store: Store | None = None
         self.node_name = node_name
@@ -87,6 +89,7 @@ class Daemon:
         self.metrics = Metrics()
         self.model = Model(node_name, debug_events=debug_events)
         self.reconciler: Reconciler | None = None
+        self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own threads
         self.events: queue.Queue = queue.Queue()     # (kind, payload) from the source threads
         self.subscribers: list[tuple[str, Callable[[str, str | None], None]]] = []
         self.revision = 0
@@ -169,6 +172,10 @@ class Daemon:
         self.load_all()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
+        try:   # before dataplane_ready: a node that says it is ready answers names too
+            self.dns.start(self.store, self.store_url)   # names follow the store on their own watch
+        except (AtomnetError, OSError) as exc:   # names are lost, the dataplane is not: keep forwarding
+            log.error("dns_failed", error=str(exc))
         readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
@@ -397,6 +404,7 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        self.dns.stop()
         readiness.clear(str(self.loader.root))
         if getattr(self, "linkwatch", None):
             self.linkwatch.stop()

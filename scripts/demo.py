@@ -80,6 +80,8 @@ def cleanup() -> None:
     time.sleep(0.3)
     for ns in [*PODS, *(netns(n) for n in NODES), LAN_NS]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for pod in PODS:   # `ip netns del` leaves /etc/netns/NAME (pod add wrote resolv.conf there)
+        shutil.rmtree(Path("/etc/netns") / pod, ignore_errors=True)
     shutil.rmtree(BPFFS, ignore_errors=True)
     shutil.rmtree(STATE, ignore_errors=True)
 
@@ -171,6 +173,15 @@ def demo() -> None:
     print("-> new connections spread over both backends; replies come back from the VIP")
     atomnet("demo-node1", "lb", "list")
     atomnet("demo-node1", "ct", "list")
+
+    say("Names: each node's daemon answers cluster DNS on 10.96.0.10, pods are told so in resolv.conf")
+    in_pod("demo-client", "cat", "/etc/resolv.conf")
+    in_pod("demo-client", "getent", "hosts", "web")
+    in_pod("demo-client", "dig", "+short", "SRV", "_80._tcp.web.svc.cluster.local")
+    in_pod("demo-client", "dig", "+short", "demo-web2.pod.cluster.local")
+    in_pod("demo-client", "dig", "+short", "-x", vip)
+    print("-> `web` is found through the search path; a pod on the other node by name; the VIP's PTR")
+    atomnet("demo-node1", "dns", "list")
 
     say("Anti-spoofing: a pod that lies about its source address is dropped and counted")
     in_pod("demo-client", "ip", "addr", "add", "10.244.250.250/32", "dev", "eth0")

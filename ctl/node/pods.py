@@ -11,7 +11,7 @@ import dataclasses
 import structlog
 
 from ..state import cluster
-from . import netplumb
+from . import netplumb, resolvconf
 from ..errors import AtomnetError
 from ..state.model import PODS_PREFIX, POD_IFNAME, Node, Pod, host_ifname, validate_name, vtep_mac
 from ..state.pods import get_pod
@@ -63,6 +63,10 @@ def add_pod(store: Store, node_name: str, name: str, labels: dict[str, str], net
             netplumb.create_netns(path)
             undo.append(lambda: netplumb.remove_netns(path))
         pod_mac, _host_mac = netplumb.create_pod_links(path, host_if, addr, mtu, ifname=ifname, mac=mac)
+        # the cluster DNS: nameserver <dns-vip>, search svc/pod/<domain>, ndots:5 (ctl/state/names.py);
+        # runtimes (CNI, Docker) get the same facts through their own protocols instead
+        if resolvconf.write(path, cluster.resolver_config(store)):
+            undo.append(lambda: resolvconf.remove(path))
         return pod_mac, str(path)
 
     return _add(store, node_name, name, labels, ip, plumb, netns_owned=owned, ifname=ifname,
@@ -134,6 +138,7 @@ def delete_pod(store: Store, node_name: str, name: str) -> Pod | None:
     if pod.node != node_name:
         raise AtomnetError(f"pod {name} lives on node {pod.node}: delete it there")
     netplumb.delete_pod_links(pod.host_ifname)
+    resolvconf.remove(netplumb.netns_path(pod.netns))
     if pod.netns_owned:
         netplumb.remove_netns(netplumb.netns_path(pod.netns))
     # Record last: a crash midway leaves the record, so running `pod del` again finishes the job.

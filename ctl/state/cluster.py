@@ -13,7 +13,8 @@ import structlog
 
 from ..errors import AtomnetError
 from .model import (ATOMNET_CONFIG_KEY, IPAM_PREFIX, NETWORK_CONFIG_KEY, NODES_PREFIX, SUBNETS_PREFIX,
-                    ClusterConfig, Lease, NetworkConfig, Node, ValidationError, pod_addresses, subnet_key)
+                    VIPS_PREFIX, ClusterConfig, Lease, NetworkConfig, Node, ValidationError, pod_addresses, subnet_key)
+from . import names
 from .store import Store
 
 log = structlog.get_logger("atomnet.cluster")
@@ -22,10 +23,15 @@ LEASE_TTL = 24 * 3600        # flannel: subnet leases live 24 h ...
 LEASE_RENEW_MARGIN = 3600    # ... and are renewed 1 h before they expire
 
 
-def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str) -> tuple[NetworkConfig, ClusterConfig]:
+def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str,
+                 cluster_domain: str = names.DEFAULT_CLUSTER_DOMAIN,
+                 dns_vip: str | None = None) -> tuple[NetworkConfig, ClusterConfig]:
     """Writes flannel's config and atomnet's; the same values again is a no-op, different ones an error."""
     cfg = NetworkConfig(network=cidr, subnet_len=subnet_len)
-    cluster = ClusterConfig(service_cidr=service_cidr)
+    ClusterConfig(service_cidr=service_cidr)   # validates the CIDR before the DNS VIP is derived from it
+    domain = names.validate_domain(cluster_domain)
+    vip = names.check_dns_vip(dns_vip, service_cidr) if dns_vip else names.default_dns_vip(service_cidr)
+    cluster = ClusterConfig(service_cidr=service_cidr, cluster_domain=domain, dns_vip=vip)
     if cfg.net.overlaps(ipaddress.IPv4Network(service_cidr)):
         raise ValidationError(f"service CIDR {service_cidr} overlaps the cluster network {cidr}")
     existing = store.get(NETWORK_CONFIG_KEY)
@@ -40,11 +46,22 @@ def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str) ->
     if old_cluster is not None and ClusterConfig.from_json(old_cluster.value).service_cidr != service_cidr:
         raise AtomnetError(
             f"service CIDR already set to {ClusterConfig.from_json(old_cluster.value).service_cidr}")
+    if old_cluster is not None:
+        old = ClusterConfig.from_json(old_cluster.value)
+        old_vip = dns_vip_of(old)
+        if old.cluster_domain != domain or (dns_vip and old_vip != vip):
+            raise AtomnetError(f"cluster DNS already set to domain {old.cluster_domain}, VIP {old_vip}: every pod's "
+                               "resolver points there")
+        cluster = old
     writes = []
     if existing is None:
         writes.append((NETWORK_CONFIG_KEY, cfg.to_json()))
     if old_cluster is None:
+        owner = store.get(VIPS_PREFIX + vip)
+        if owner is not None and owner.value != names.DNS_VIP_OWNER:
+            raise AtomnetError(f"DNS VIP {vip} is already used by service {owner.value}: pass another --dns-vip")
         writes.append((ATOMNET_CONFIG_KEY, cluster.to_json()))
+        writes.append((VIPS_PREFIX + vip, names.DNS_VIP_OWNER))   # no service can take it
     if writes:
         store.put_many(writes)  # both or neither
     return cfg, cluster
@@ -60,6 +77,17 @@ def load_network(store: Store) -> NetworkConfig:
 def load_cluster_config(store: Store) -> ClusterConfig:
     kv = store.get(ATOMNET_CONFIG_KEY)
     return ClusterConfig.from_json(kv.value) if kv else ClusterConfig()
+
+
+def dns_vip_of(cfg: ClusterConfig) -> str:
+    """The cluster's DNS VIP (configs written before it existed: the Kubernetes default)."""
+    return cfg.dns_vip or names.default_dns_vip(cfg.service_cidr)
+
+
+def resolver_config(store: Store) -> dict:
+    """nameservers/search/options for this cluster's pods: resolv.conf, CNI `dns`, Docker."""
+    cfg = load_cluster_config(store)
+    return names.resolver_config(cfg.cluster_domain, dns_vip_of(cfg))
 
 
 def list_leases(store: Store) -> list[tuple[Lease, int]]:

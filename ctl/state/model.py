@@ -142,6 +142,8 @@ class ClusterConfig:
     """/atomnet/config: the settings flannel's config has no place for."""
     service_cidr: str = DEFAULT_SERVICE_CIDR
     node_port_range: str = DEFAULT_NODE_PORT_RANGE
+    cluster_domain: str = "cluster.local"   # names: ctl/state/names.py, served by ctl/dns/
+    dns_vip: str = ""                       # "" = the service CIDR's 10th address (names.default_dns_vip)
 
     def __post_init__(self):
         parse_network(self.service_cidr, "service CIDR")

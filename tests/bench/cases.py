@@ -52,6 +52,7 @@ IPERF_PORT, SOCKPERF_PORT, HTTP_PORT, SVC_PORT, HOST_PORT = 5201, 11111, 8080, 8
 IPERF_VIP = "10.96.0.5"
 SVC_BASE = int(ipaddress.IPv4Address("10.96.16.0"))
 KP_CIDR = "10.247.0.0/16"
+DNS_LATENCY_QPS = 1000   # a steady rate both servers sustain: latency without queueing
 
 
 def vip(i: int) -> str:
@@ -332,6 +333,53 @@ class Bench:
             chart[n] = {k: v.to_dict() for k, v in res.items()}
         self.series["connections_vs_services"] = chart
 
+    # ------------------------------------------------------------------ names
+
+    def dns(self) -> None:
+        """A queries for the service names (all of them, dnsperf cycling through the file) from
+        pod a: to n1's DNS VIP (the daemon's server, so the daemon runs: not paused) and to
+        dnsmasq in pod b serving the same names from a hosts file (a pod on the same node:
+        the same veth path, one hop)."""
+        c = self.cfg
+        n = max(c.service_counts)   # connections_vs_services left that many services in the store
+        self.step(f"case: DNS A queries of {n} service names (dnsperf: atomnet's server vs dnsmasq)")
+        names = [f"s{i}.svc.cluster.local" for i in range(n)]
+        queries = self.rig.tmp / "dnsperf.queries"
+        queries.write_text("".join(f"{name} A\n" for name in names))
+        hosts = self.rig.tmp / "dnsmasq.hosts"
+        hosts.write_text("".join(f"{vip(i)} {name}\n" for i, name in enumerate(names)))
+        topo.spawn_quiet(self.rig, self.b["name"], "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv",
+                         "--no-hosts", f"--addn-hosts={hosts}", f"--listen-address={self.b['ip']}", "--bind-interfaces",
+                         "--user=root", "--pid-file=", "--local-ttl=30")
+        wait_listening(self.b["name"], 53, udp=True)
+        dns_vip = "10.96.0.10"
+        for server in (dns_vip, self.b["ip"]):   # both answer the last name before anything is measured
+            out = in_pod(self.a["name"], "dig", "+short", "+time=2", f"@{server}", names[-1]).stdout.split()
+            assert out == [vip(n - 1)], f"{server} answered {out} for {names[-1]}"
+        a = self.a["name"]
+        secs = max(1.0, c.crr_seconds * 2)
+        thr = interleave(c.reps, {
+            "atomnet": lambda: measure.dnsperf(a, dns_vip, queries, secs),
+            "dnsmasq": lambda: measure.dnsperf(a, self.b["ip"], queries, secs),
+        }, self.log, "dnsperf")
+        lat = interleave(c.reps, {
+            "atomnet": lambda: measure.dnsperf(a, dns_vip, queries, secs, max_qps=DNS_LATENCY_QPS),
+            "dnsmasq": lambda: measure.dnsperf(a, self.b["ip"], queries, secs, max_qps=DNS_LATENCY_QPS),
+        }, self.log, "dnsperf -Q")
+        label = f"{n:,}".replace(",", " ")
+        self.rows += [
+            Row(f"DNS: A queries of service names, {label} services", "queries/s at saturation (dnsperf, UDP)", "q/s",
+                thr["atomnet"], thr["dnsmasq"], [Target(">=", 1.0, text="≥ 1.0× dnsmasq")],
+                note="atomnet: the daemon's Python server (dnspython) on the node-local DNS VIP, the daemon running; "
+                     "dnsmasq: the same names from a hosts file, in a pod of the same node; one client pod, "
+                     "dnsperf's default 100 queries in flight"),
+            Row(f"DNS: A queries of service names, {label} services",
+                f"latency p99 at {DNS_LATENCY_QPS} queries/s (dnsperf -Q, UDP)", "ms", lat["atomnet"], lat["dnsmasq"],
+                [Target("<=", 1.0, text="≤ 1.0× dnsmasq")], better="lower"),
+        ]
+        self.series["dns"] = {"qps": {k: v.to_dict() for k, v in thr.items()},
+                              "p99": {k: v.to_dict() for k, v in lat.items()}}
+
     # ------------------------------------------------------------------ control plane
 
     def control_plane(self) -> None:
@@ -451,4 +499,5 @@ class Bench:
         self.cross_node()
         self.host_port()
         self.connections_vs_services()
+        self.dns()
         self.control_plane()

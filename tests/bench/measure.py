@@ -80,3 +80,39 @@ def crr(client_ns: str, host: str, port: int, seconds: float, warmup: float, pro
         flags.append("no connection completed")
     return Sample(r["rate"], flagged="; ".join(flags),
                   extra={"syn_retrans": r["syn_retrans"], "retrans_segs": r["retrans_segs"], "failed": r["failed"]})
+
+
+_QPS = re.compile(r"Queries per second:\s+([\d.]+)")
+_LOST = re.compile(r"Queries lost:\s+(\d+)")
+_SENT = re.compile(r"Queries sent:\s+(\d+)")
+_REPLY = re.compile(r"^> (\S+) .* ([\d.]+)$", re.M)   # dnsperf -v: "> NOERROR name A 0.000123"
+
+
+def dnsperf(client_ns: str, server: str, datafile: Path, seconds: float, max_qps: int | None = None) -> Sample:
+    """dnsperf over UDP for `seconds`. Unlimited (max_qps None): the value is queries/s at
+    saturation. With max_qps: the value is the p99 latency in ms at that steady rate, from
+    dnsperf -v's per-query latencies (2.10 prints no percentiles). A run that lost queries
+    or got anything but NOERROR is flagged."""
+    cmd = ["dnsperf", "-s", server, "-d", datafile, "-l", seconds, "-t", 2]
+    if max_qps:
+        cmd += ["-Q", max_qps, "-v"]
+    res = _run(client_ns, *cmd, timeout=seconds + 30)
+    text = res.stdout + res.stderr
+    qps, lost, sent = _QPS.search(text), _LOST.search(text), _SENT.search(text)
+    if not (qps and lost and sent):
+        raise RuntimeError(f"dnsperf printed no summary: {text[-1500:]}")
+    flags = []
+    if int(lost.group(1)):
+        flags.append(f"{lost.group(1)} of {sent.group(1)} queries lost")
+    extra = {"qps": float(qps.group(1)), "lost": int(lost.group(1)), "sent": int(sent.group(1))}
+    if not max_qps:
+        return Sample(float(qps.group(1)), flagged="; ".join(flags), extra=extra)
+    replies = _REPLY.findall(res.stdout)
+    bad = sum(1 for rcode, _ in replies if rcode != "NOERROR")
+    if bad:
+        flags.append(f"{bad} answers not NOERROR")
+    lat = sorted(float(v) * 1000 for _, v in replies)
+    if not lat:
+        raise RuntimeError(f"dnsperf -v printed no per-query latency: {text[-1500:]}")
+    extra["p50_ms"] = lat[len(lat) // 2]
+    return Sample(lat[min(len(lat) - 1, int(len(lat) * 0.99))], flagged="; ".join(flags), extra=extra)

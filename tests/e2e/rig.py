@@ -184,6 +184,7 @@ class Rig:
             for pod in node.pods:
                 node.atomnet("pod", "del", pod, check=False)
                 sh("ip", "netns", "del", pod, check=False)  # in case `pod del` itself failed
+                shutil.rmtree(Path("/etc/netns") / pod, ignore_errors=True)   # its resolv.conf, likewise
             sh("ip", "netns", "del", node.netns, check=False)
             shutil.rmtree(node.bpffs, ignore_errors=True)
             ready_path(node.bpffs).unlink(missing_ok=True)   # a SIGKILLed daemon leaves its readiness file

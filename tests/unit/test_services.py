@@ -17,7 +17,7 @@ from ctl.state.store import open_store
 @pytest.fixture
 def store(tmp_path):
     s = open_store(f"sqlite://{tmp_path}/state.db")
-    cluster.init_network(s, "10.244.0.0/16", 24, "10.96.0.0/28")   # 13 usable VIPs
+    cluster.init_network(s, "10.244.0.0/16", 24, "10.96.0.0/28")   # 12 usable VIPs (.10 is DNS)
     yield s
     s.close()
 
@@ -66,11 +66,12 @@ def test_vips_are_allocated_unique_and_validated(store):
 
 
 def test_service_cidr_exhaustion_is_one_clear_error_and_frees_nothing(store):
-    for i in range(13):
-        svclib.add_service(store, svc(f"s{i}"))
+    # 14 hosts in the /28, less .1 (kept) and .10 (the cluster DNS VIP, claimed at network init)
+    vips = [svclib.add_service(store, svc(f"s{i}")).vip for i in range(12)]
+    assert "10.96.0.10" not in vips
     with pytest.raises(AtomnetError, match="exhausted"):
         svclib.add_service(store, svc("one-too-many"))
-    assert len(svclib.list_services(store)) == 13
+    assert len(svclib.list_services(store)) == 12
     svclib.delete_service(store, "s3")
     assert svclib.add_service(store, svc("again")).vip == "10.96.0.5"
 
@@ -78,7 +79,8 @@ def test_service_cidr_exhaustion_is_one_clear_error_and_frees_nothing(store):
 def test_named_backend_must_exist(store):
     with pytest.raises(AtomnetError, match="backend pod ghost does not exist"):
         svclib.add_service(store, svc("a", backends=(BackendRef("ghost"),)))
-    assert svclib.list_services(store) == [] and store.list("/atomnet/vips/")[0] == []
+    assert svclib.list_services(store) == []
+    assert [kv.key for kv in store.list("/atomnet/vips/")[0]] == ["/atomnet/vips/10.96.0.10"]   # the DNS VIP only
 
 
 def test_show_resolves_selected_and_named_backends(store):
