@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from .node import netplumb, pods as podlib
+from .node import netplumb, pods as podlib, snatports
 from .state import forwards as fwdlib, pods as podstate, services as svclib
 from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
@@ -26,7 +26,7 @@ from .dataplane.desired import Overlay, compute
 from .errors import AtomnetError
 from .observe.metrics import Metrics
 from .dataplane.reconcile import apply
-from .state.model import ValidationError
+from .state.model import ValidationError, parse_port_range
 from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
@@ -133,11 +133,14 @@ class Daemon:
         started = time.monotonic()
         links = netplumb.link_table()
         netdevs = [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
+        cluster = load_cluster_config(self.store)
         desired = compute(self.node_name, podstate.list_pods(self.store), links,
-                          svclib.list_services(self.store), load_cluster_config(self.store),
+                          svclib.list_services(self.store), cluster,
                           leases=[lease for lease, _ in list_leases(self.store)], overlay=self.overlay,
                           forwards=fwdlib.list_forwards(self.store, self.node_name), node_ip=self.node.public_ip,
-                          netdevs=netdevs, debug_events=self.debug_events)
+                          netdevs=netdevs, debug_events=self.debug_events,
+                          uplink=links[self.node.uplink].ifindex if self.node.uplink in links else None,
+                          cluster_cidr=self.network.network, snat_ports=self.snat_ports(cluster))
         for name in desired.missing_links:
             log.warning("pod_link_missing", pod=name)
         diffs = apply(self.loaded.maps, desired)
@@ -146,6 +149,19 @@ class Daemon:
         changes = sum(len(d) for d in diffs.values()) + attached
         if changes:
             log.info("reconciled", changes=changes, seconds=round(time.monotonic() - started, 4))
+
+    def snat_ports(self, cluster) -> tuple[int, int] | None:
+        """Re-read every pass: ip_local_port_range may change under us (it is cheap)."""
+        chosen = snatports.masquerade_port_range(snatports.ephemeral_range(), parse_port_range(cluster.node_port_range))
+        if chosen != getattr(self, "_snat_ports", False):
+            if chosen is None and cluster.masquerade:
+                log.warning("masquerade_disabled", reason="no free port range outside ip_local_port_range "
+                            "and the NodePort range", node_port_range=cluster.node_port_range)
+            else:
+                log.info("masquerade_ports", range=f"{chosen[0]}-{chosen[1]}" if chosen else None,
+                         masquerade=cluster.masquerade)
+            self._snat_ports = chosen
+        return chosen
 
     def sync_attachments(self, wanted: dict[int, str], direction: str, force: bool) -> int:
         """Attach where the live filter is missing or runs another program generation."""

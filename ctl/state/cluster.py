@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from dataclasses import replace
 
 import structlog
 
 from ..errors import AtomnetError
 from .model import (ATOMNET_CONFIG_KEY, IPAM_PREFIX, NETWORK_CONFIG_KEY, NODES_PREFIX, SUBNETS_PREFIX,
-                    ClusterConfig, Lease, NetworkConfig, Node, ValidationError, pod_addresses, subnet_key)
+                    ClusterConfig, Lease, NetworkConfig, Node, ValidationError, parse_network, pod_addresses,
+                    subnet_key)
 from .store import Store
 
 log = structlog.get_logger("atomnet.cluster")
@@ -22,12 +24,25 @@ LEASE_TTL = 24 * 3600        # flannel: subnet leases live 24 h ...
 LEASE_RENEW_MARGIN = 3600    # ... and are renewed 1 h before they expire
 
 
-def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str) -> tuple[NetworkConfig, ClusterConfig]:
-    """Writes flannel's config and atomnet's; the same values again is a no-op, different ones an error."""
+def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str, masquerade: bool | None = None,
+                 no_masquerade_cidrs: list[str] | None = None) -> tuple[NetworkConfig, ClusterConfig]:
+    """Writes flannel's config and atomnet's; the same values again is a no-op, different ones an error.
+    The masquerade settings (None: keep what is stored, else the default) may change on a
+    later init: the daemons apply them live."""
     cfg = NetworkConfig(network=cidr, subnet_len=subnet_len)
     cluster = ClusterConfig(service_cidr=service_cidr)
     if cfg.net.overlaps(ipaddress.IPv4Network(service_cidr)):
         raise ValidationError(f"service CIDR {service_cidr} overlaps the cluster network {cidr}")
+    masq = {}
+    if masquerade is not None:
+        masq["masquerade"] = masquerade
+    if no_masquerade_cidrs is not None:
+        masq["no_masquerade_cidrs"] = tuple(dict.fromkeys(no_masquerade_cidrs))   # order kept, duplicates dropped
+        for extra in masq["no_masquerade_cidrs"]:
+            if parse_network(extra, "no-masquerade CIDR").overlaps(cfg.net):
+                raise ValidationError(f"no-masquerade CIDR {extra} overlaps the cluster network {cidr} "
+                                      "(pod-to-pod traffic is never masqueraded anyway)")
+    cluster = replace(cluster, **masq)
     existing = store.get(NETWORK_CONFIG_KEY)
     if existing is not None:
         old = NetworkConfig.from_json(existing.value)
@@ -45,6 +60,11 @@ def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str) ->
         writes.append((NETWORK_CONFIG_KEY, cfg.to_json()))
     if old_cluster is None:
         writes.append((ATOMNET_CONFIG_KEY, cluster.to_json()))
+    else:
+        stored = ClusterConfig.from_json(old_cluster.value)
+        cluster = replace(stored, **masq)
+        if cluster != stored:
+            writes.append((ATOMNET_CONFIG_KEY, cluster.to_json()))
     if writes:
         store.put_many(writes)  # both or neither
     return cfg, cluster
