@@ -9,11 +9,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.rig import in_pod, sh, spawn_in_pod
+from tests.conftest import require_root
+from tests.e2e.rig import Rig, in_pod, sh, spawn_in_pod
 from tests.e2e.servers import wait_listening
 
 WORLD_NET = "203.0.113"        # TEST-NET-3, only inside this test's namespaces
@@ -54,7 +56,19 @@ http {{
     return d / "access.log"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    """One topology for the whole module (building it is most of the time): the tests
+    only add flows, and the one that changes the cluster config runs last and restores it."""
+    require_root()
+    r = Rig(uuid.uuid4().hex[:6], tmp_path_factory.mktemp("egress"))
+    try:
+        yield r
+    finally:
+        r.teardown()
+
+
+@pytest.fixture(scope="module")
 def net(rig):
     n1, n2 = rig.add_node("n1"), rig.add_node("n2")
     rt = rig.add_host("rt")
@@ -208,7 +222,7 @@ def test_no_masquerade_cidr_and_masquerade_off(net):
     for n in (n1, n2):
         subnet = n.atomnet_json("network", "show")["subnet"]
         sh("ip", "-n", rt.netns, "route", "add", subnet, "via", n.ip)
-    _wait_seen(pod["name"], n1.ip)
+    _wait_seen(pod["name"], n1.ip)   # and masquerade is on, as before this test
     n1.atomnet("network", "init", "--cidr", "10.244.0.0/16", "--masquerade", "off")
     _wait_seen(pod["name"], pod["ip"])
     n1.atomnet("network", "init", "--cidr", "10.244.0.0/16", "--masquerade", "on",
@@ -216,4 +230,4 @@ def test_no_masquerade_cidr_and_masquerade_off(net):
     _wait_seen(pod["name"], pod["ip"])
     assert n1.atomnet_json("network", "show")["masquerade"] is True
     n1.atomnet("network", "init", "--cidr", "10.244.0.0/16", "--no-masquerade-cidr", "198.51.100.0/24")
-    _wait_seen(pod["name"], n1.ip)
+    _wait_seen(pod["name"], n1.ip)   # masqueraded again
