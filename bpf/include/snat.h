@@ -325,6 +325,44 @@ static __always_inline enum snat_result snat_icmp_error(struct __sk_buff *skb, s
 	return SNAT_TRANSLATED;
 }
 
+/* to_netdev: an ICMP error a pod sends about a masqueraded flow (say port unreachable for
+ * a reply that came too late): it quotes remote -> pod IP:port, which becomes remote ->
+ * node IP:port, and it leaves from the node's address. */
+static __always_inline enum snat_result snat_icmp_error_out(struct __sk_buff *skb, struct flow *f,
+							    const struct config *cfg)
+{
+	__u32 inner_off = f->l4_off + sizeof(struct icmphdr);
+	__u32 icmp_csum_off = f->l4_off + offsetof(struct icmphdr, checksum);
+	struct iphdr inner;
+	__be16 ports[2];
+	struct ct_key ok = {};
+	struct ct_entry *out;
+
+	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0 || inner.ihl != 5 ||
+	    inner.daddr != f->saddr || (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP) ||
+	    bpf_skb_load_bytes(skb, inner_off + sizeof(inner), ports, sizeof(ports)) < 0)
+		return SNAT_PASS;
+	ok.saddr = inner.daddr;
+	ok.daddr = inner.saddr;
+	ok.sport = ports[1];
+	ok.dport = ports[0];
+	ok.proto = inner.protocol;
+	ok.dir = CT_SNAT_OUT;
+	out = bpf_map_lookup_elem(&conntrack, &ok);
+	if (!out)
+		return SNAT_PASS;	/* about no masqueraded flow: as any other packet of no flow */
+	if (rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, daddr), inner.daddr, out->nat_ip) < 0)
+		return SNAT_FAILED;
+	if (out->nat_port != ports[1] &&
+	    (bpf_l4_csum_replace(skb, icmp_csum_off, ports[1], out->nat_port, 2) < 0 ||
+	     bpf_skb_store_bytes(skb, inner_off + sizeof(inner) + 2, &out->nat_port, 2, 0) < 0))
+		return SNAT_FAILED;
+	if (nat_rewrite(skb, f, NAT_SRC, out->nat_ip, f->sport) < 0)
+		return SNAT_FAILED;
+	count(skb, CTR_SNAT_ICMP_ERROR);
+	return SNAT_TRANSLATED;
+}
+
 /*
  * to_netdev's path. Packets that are not a local pod's, or go to an excluded destination,
  * leave untouched; a pod's packet that cannot be masqueraded (no free port, a fragment
@@ -352,7 +390,10 @@ static __always_inline int snat_to_netdev(struct __sk_buff *skb, struct headers 
 	default:
 		return drop(skb, CTR_DROP_MALFORMED);
 	}
-	r = snat_egress(skb, &f, cfg);
+	if (f.proto == IPPROTO_ICMP && f.has_l4 && icmp_is_error(f.icmp_type))
+		r = snat_icmp_error_out(skb, &f, cfg);
+	else
+		r = snat_egress(skb, &f, cfg);
 	switch (r) {
 	case SNAT_EXHAUSTED:
 		return drop(skb, CTR_SNAT_PORT_EXHAUSTED);

@@ -198,6 +198,21 @@ def test_icmp_port_unreachable_about_tcp_and_time_exceeded_about_ping(harness):
     assert IP(bytes(fresh))[ICMP].chksum == check
 
 
+def test_icmp_error_from_the_pod_about_a_masqueraded_flow_leaves_from_the_node(harness):
+    configure(harness)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / UDP(sport=7200, dport=53) / Raw(b"q"))
+    port = nat_port(out)
+    rc, got = ingress(harness, IP(src=WORLD, dst=NODE) / UDP(sport=53, dport=port) / Raw(b"late answer"))
+    late = Ether(got)[IP]                                 # what the pod received, about to refuse it
+    quoted = IP(src=WORLD, dst=A["ip"], ttl=late.ttl, id=late.id, len=late.len, proto=17) / \
+        UDPerror(sport=53, dport=7200, len=late[UDP].len, chksum=late[UDP].chksum)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / ICMP(type=3, code=3) / IPerror(bytes(quoted)))
+    assert rc == TC_ACT_OK
+    want_inner = IP(src=WORLD, dst=NODE, ttl=late.ttl, id=late.id, len=late.len, proto=17) / \
+        UDPerror(sport=53, dport=port, len=late[UDP].len, chksum=late[UDP].chksum)
+    assert out == out_frame(IP(src=NODE, dst=WORLD) / ICMP(type=3, code=3) / IPerror(bytes(want_inner)))
+
+
 def test_fragments_follow_their_first_fragment(harness):
     configure(harness)
     frags = fragment(IP(src=A["ip"], dst=WORLD, id=4242) / UDP(sport=7100, dport=9999) / Raw(b"y" * 3000), fragsize=1200)
