@@ -64,21 +64,36 @@ static __always_inline int snat_port_in_range(const struct config *cfg, __be16 p
 }
 
 /* Gives an ICMP echo its identifier as port; 0 when f is a flow masquerade handles
- * (TCP, UDP, ICMP echo request outbound / echo reply inbound). */
+ * (TCP, UDP, ICMP echo request outbound / echo reply inbound). A fragmented echo's first
+ * fragment records the identifier in the fragments map, so its later fragments (which
+ * flow_parse gives that "port") are translated like it. */
 static __always_inline int snat_ports(struct __sk_buff *skb, struct flow *f, int outbound)
 {
+	struct frag_key k = {};
+	struct frag_ports p;
 	__be16 id;
 
 	if (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP)
 		return 0;
-	if (f->proto != IPPROTO_ICMP || !f->has_l4 || f->icmp_type != (outbound ? ICMP_ECHO : ICMP_ECHOREPLY))
+	if (f->proto != IPPROTO_ICMP)
 		return -1;
-	if (bpf_skb_load_bytes(skb, f->l4_off + ICMP_ID_OFF, &id, sizeof(id)) < 0)
+	if (!f->has_l4)
+		return (outbound ? f->sport : f->dport) ? 0 : -1;
+	if (f->icmp_type != (outbound ? ICMP_ECHO : ICMP_ECHOREPLY) ||
+	    bpf_skb_load_bytes(skb, f->l4_off + ICMP_ID_OFF, &id, sizeof(id)) < 0)
 		return -1;
 	if (outbound)
 		f->sport = id;
 	else
 		f->dport = id;
+	if (f->fragment && bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, id), &k.id, sizeof(k.id)) == 0) {
+		k.saddr = f->saddr;
+		k.daddr = f->daddr;
+		k.proto = IPPROTO_ICMP;
+		p.sport = f->sport;
+		p.dport = f->dport;
+		bpf_map_update_elem(&fragments, &k, &p, BPF_ANY);
+	}
 	return 0;
 }
 

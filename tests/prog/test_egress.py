@@ -229,6 +229,16 @@ def test_fragments_follow_their_first_fragment(harness):
     orphan = fragment(IP(src=A["ip"], dst=WORLD, id=999) / UDP(sport=7101, dport=9999) / Raw(b"z" * 3000), fragsize=1200)[1]
     rc, _, _ = egress(harness, orphan)
     assert rc == TC_ACT_SHOT and harness.counter(CounterId.CTR_DROP_FRAGMENT) == 1, "never leaks the pod's address"
+    # a large ping: the later fragments follow the identifier of the first
+    outs = []
+    for frag in fragment(IP(src=A["ip"], dst=WORLD, id=777) / ICMP(type=8, id=0x4321) / Raw(b"p" * 3000), fragsize=1200):
+        rc, out, _ = egress(harness, frag)
+        assert rc == TC_ACT_OK and Ether(out)[IP].src == NODE
+        outs.append(out)
+    ident = nat_port(outs[0])
+    for frag in fragment(IP(src=WORLD, dst=NODE, id=778) / ICMP(type=0, id=ident) / Raw(b"p" * 3000), fragsize=1200):
+        rc, got = ingress(harness, frag)
+        assert rc == TC_ACT_REDIRECT and Ether(got)[IP].dst == A["ip"]
     # the reply, fragmented too: every fragment reaches the pod
     for frag in fragment(IP(src=WORLD, dst=NODE, id=5151) / UDP(sport=9999, dport=port) / Raw(b"r" * 3000), fragsize=1200):
         rc, got = ingress(harness, frag)
