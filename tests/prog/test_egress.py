@@ -103,6 +103,21 @@ def test_tcp_fin_closes_both_entries(harness):
     assert all(v["flags"] & CT_F_CLOSING for d in (CtDir.CT_SNAT_OUT, CtDir.CT_SNAT_IN) for _, v in ct_entries(harness, d))
 
 
+def test_a_closed_port_serves_a_new_connection_at_once(harness):
+    """RST-closed connections would otherwise hold their ports for 10 s: at thousands of
+    connections/s the range would run out. A new SYN may take a closing port."""
+    configure(harness, lo=61000, hi=61000)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40010, dport=80, flags="S"))
+    assert rc == TC_ACT_OK and nat_port(out) == 61000
+    rc, out, _ = egress(harness, IP(src=B["ip"], dst=WORLD) / TCP(sport=40011, dport=80, flags="S"))
+    assert rc == TC_ACT_SHOT, "open: the port is taken"
+    egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40010, dport=80, flags="R"))
+    rc, out, _ = egress(harness, IP(src=B["ip"], dst=WORLD) / TCP(sport=40011, dport=80, flags="S"))
+    assert rc == TC_ACT_OK and nat_port(out) == 61000
+    rc, got = ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=61000, flags="SA"))
+    assert Ether(got)[IP].dst == B["ip"] and Ether(got)[TCP].dport == 40011
+
+
 def test_udp_snat_checksum_and_zero_checksum(harness):
     configure(harness)
     rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / UDP(sport=5000, dport=53) / Raw(b"query"))
