@@ -63,6 +63,22 @@ static __always_inline int snat_port_in_range(const struct config *cfg, __be16 p
 	return p >= cfg->snat_port_min && p <= cfg->snat_port_max;
 }
 
+/* A fast "not ours" for the bulk of the node's own traffic (VXLAN, its own connections)
+ * before the full parse: an unfragmented TCP/UDP packet whose node-side port (source
+ * outbound, destination inbound) is outside the masquerade range. */
+static __always_inline int snat_port_outside_range(struct __sk_buff *skb, const struct headers *h,
+						   const struct config *cfg, int outbound)
+{
+	__be16 port;
+
+	if ((h->ip->protocol != IPPROTO_TCP && h->ip->protocol != IPPROTO_UDP) ||
+	    (bpf_ntohs(h->ip->frag_off) & (IP_MF | IP_OFFSET)))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + h->ip->ihl * 4 + (outbound ? 0 : 2), &port, sizeof(port)) < 0)
+		return 0;
+	return !snat_port_in_range(cfg, port);
+}
+
 /* Gives an ICMP echo its identifier as port; 0 when f is a flow masquerade handles
  * (TCP, UDP, ICMP echo request outbound / echo reply inbound). A fragmented echo's first
  * fragment records the identifier in the fragments map, so its later fragments (which
@@ -396,7 +412,8 @@ static __always_inline int snat_to_netdev(struct __sk_buff *skb, struct headers 
 	if (!cfg)
 		return TC_ACT_OK;
 	if (h->ip->saddr == cfg->masq_ip) {
-		snat_host_claim(skb, h, cfg);
+		if (!snat_port_outside_range(skb, h, cfg, 1))
+			snat_host_claim(skb, h, cfg);
 		return TC_ACT_OK;
 	}
 	if (!is_local_pod(h->ip->saddr) || snat_excluded(h->ip->daddr))
@@ -435,7 +452,8 @@ static __always_inline int snat_from_netdev(struct __sk_buff *skb, struct header
 	struct flow f;
 	enum snat_result r;
 
-	if (!cfg || h->ip->daddr != cfg->masq_ip || flow_parse(skb, h, &f) != FLOW_OK)
+	if (!cfg || h->ip->daddr != cfg->masq_ip || snat_port_outside_range(skb, h, cfg, 0) ||
+	    flow_parse(skb, h, &f) != FLOW_OK)
 		return 0;
 	if (f.proto == IPPROTO_ICMP && f.has_l4 && icmp_is_error(f.icmp_type))
 		r = snat_icmp_error(skb, &f, cfg);
