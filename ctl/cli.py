@@ -55,6 +55,11 @@ def build_parser() -> Parser:
     init.add_argument("--service-cidr", default="10.96.0.0/12")
     init.add_argument("--cluster-domain", default="cluster.local", help="the cluster DNS domain")
     init.add_argument("--dns-vip", help="the cluster DNS address (default: the service CIDR's 10th address)")
+    init.add_argument("--masquerade", choices=["on", "off"], default=None,
+                      help="SNAT pod traffic leaving the cluster to the node's address (default on; "
+                           "given again later, changes it live)")
+    init.add_argument("--no-masquerade-cidr", action="append", default=None, metavar="CIDR",
+                      help="destinations pods reach with their own address (repeatable; replaces the stored list)")
     verb(net, "show", "show the network config and this node's subnet", _network_show)
 
     d = verb(verbs, "daemon", "run the node's controller (root)", _daemon)
@@ -152,7 +157,8 @@ def build_parser() -> Parser:
     tun = verbs.add_parser("tunnel", help="overlay").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(tun, "list", "remote subnets reached through the VXLAN overlay", _tunnel_list)
     ctv = verbs.add_parser("ct", help="conntrack").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(ctv, "list", "translated flows: tuple, translation, age, flags", _ct_list)
+    ctl = verb(ctv, "list", "translated flows: tuple, translation, age, flags", _ct_list)
+    ctl.add_argument("--nat", action="store_true", help="masqueraded flows only: pod tuple -> node IP:port")
     return p
 
 
@@ -180,10 +186,13 @@ def _network_init(args) -> None:
     from .state.cluster import init_network
     with _store(args) as store:
         cfg, cluster = init_network(store, args.cidr, args.subnet_len, args.service_cidr,
-                                    args.cluster_domain, args.dns_vip)
+                                    cluster_domain=args.cluster_domain, dns_vip=args.dns_vip,
+                                    masquerade=None if args.masquerade is None else args.masquerade == "on",
+                                    no_masquerade_cidrs=args.no_masquerade_cidr)
     emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
           "service_cidr": cluster.service_cidr, "cluster_domain": cluster.cluster_domain,
-          "dns_vip": cluster.dns_vip}, args.json)
+          "dns_vip": cluster.dns_vip, "masquerade": cluster.masquerade,
+          "no_masquerade_cidrs": list(cluster.no_masquerade_cidrs)}, args.json)
 
 
 def _network_show(args) -> None:
@@ -191,7 +200,8 @@ def _network_show(args) -> None:
     with _store(args) as store:
         cfg, cluster, node = load_network(store), load_cluster_config(store), load_node(store, args.node)
     emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
-          "service_cidr": cluster.service_cidr, "node": args.node,
+          "service_cidr": cluster.service_cidr, "masquerade": cluster.masquerade,
+          "no_masquerade_cidrs": list(cluster.no_masquerade_cidrs), "node": args.node,
           "subnet": node.subnet if node else None}, args.json)
 
 
@@ -300,7 +310,11 @@ def _tunnel_list(args) -> None:
 
 
 def _ct_list(args) -> None:
-    from .observe.inspect import ct_list
+    from .observe.inspect import ct_list, snat_list
+    if args.nat:
+        emit(snat_list(_loader(args)), args.json, ["proto", "src", "dst", "nat", "age_s", "idle_s", "packets",
+                                                   "reply_packets", "flags"], "no masqueraded flows")
+        return
     emit(ct_list(_loader(args)), args.json, ["dir", "proto", "src", "dst", "nat", "age_s", "idle_s",
                                              "packets", "flags"], "no flows")
 

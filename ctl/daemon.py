@@ -35,7 +35,7 @@ from typing import Callable
 
 import structlog
 
-from .node import linkwatch, netplumb, pods as podlib, readiness
+from .node import linkwatch, netplumb, pods as podlib, readiness, snatports
 from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
 from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, load_network
@@ -45,7 +45,8 @@ from .errors import AtomnetError
 from .observe.metrics import Metrics
 from .dataplane.reconcile import Reconciler
 from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
-                          SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError)
+                          SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError,
+                          parse_port_range)
 from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
@@ -133,7 +134,8 @@ class Daemon:
         self.model.set_lease(str(subnet_from_key(key)), lease)
 
     def _on_cluster_config(self, key: str, value: str | None) -> None:
-        self.model.set_node(cluster=ClusterConfig.from_json(value) if value is not None else ClusterConfig())
+        cluster = ClusterConfig.from_json(value) if value is not None else ClusterConfig()
+        self.model.set_node(cluster=cluster, snat_ports=self.snat_ports(cluster))
 
     def load_all(self) -> None:
         """The subscribed prefixes' content at one revision; watching continues from there."""
@@ -164,8 +166,9 @@ class Daemon:
         log.info("node_ready", node=self.node.name, subnet=self.node.subnet, public_ip=self.node.public_ip,
                  uplink=self.node.uplink, pod_mtu=self.node.pod_mtu, overlay=netplumb.overlay_ifname(self.network.vni))
         self.loaded = self.loader.load()
-        self.model.set_node(cluster=load_cluster_config(self.store), overlay=self.overlay,
-                            node_ip=self.node.public_ip, netdevs=self._netdevs())
+        cluster = load_cluster_config(self.store)
+        self.model.set_node(cluster=cluster, overlay=self.overlay, node_ip=self.node.public_ip,
+                            snat_ports=self.snat_ports(cluster), **self._netdevs())
         # Subscribed to link events before the dump: a link that changes in between is reported.
         self.linkwatch = linkwatch.LinkWatch(lambda ifname, link: self.events.put(("link", (ifname, link))))
         self.model.set_links(netplumb.link_table())   # then netlink events keep it current
@@ -262,7 +265,8 @@ class Daemon:
         m = self.model
         scratch = compute(self.node_name, list(m.pods.values()), m.links, list(m.services.values()), m.cluster,
                           leases=list(m.leases.values()), overlay=m.overlay, forwards=list(m.forwards.values()),
-                          node_ip=m.node_ip, netdevs=list(m.netdevs), debug_events=m.debug_events)
+                          node_ip=m.node_ip, netdevs=list(m.netdevs), debug_events=m.debug_events,
+                          uplink=m.uplink or None, cluster_cidr=m.cluster_cidr, snat_ports=m.snat_ports)
         mine = m.snapshot()
         if mine.maps != scratch.maps or mine.maglev != scratch.maglev:
             log.error("desired_model_drift", note="incremental model differs from the from-scratch computation")
@@ -271,6 +275,19 @@ class Daemon:
         if repairs:
             self.metrics.drift_repairs.labels(kind="kernel").inc(repairs)
         log.info("drift_checked", repairs=repairs)
+
+    def snat_ports(self, cluster) -> tuple[int, int] | None:
+        """Re-read every pass: ip_local_port_range may change under us (it is cheap)."""
+        chosen = snatports.masquerade_port_range(snatports.ephemeral_range(), parse_port_range(cluster.node_port_range))
+        if chosen != getattr(self, "_snat_ports", False):
+            if chosen is None and cluster.masquerade:
+                log.warning("masquerade_disabled", reason="no free port range outside ip_local_port_range "
+                            "and the NodePort range", node_port_range=cluster.node_port_range)
+            else:
+                log.info("masquerade_ports", range=f"{chosen[0]}-{chosen[1]}" if chosen else None,
+                         masquerade=cluster.masquerade)
+            self._snat_ports = chosen
+        return chosen
 
     def sync_attachments(self, wanted: dict[int, str], direction: str, force: bool) -> int:
         """Attach where the live filter is missing or runs another program generation."""
@@ -335,7 +352,7 @@ class Daemon:
     def _relist(self) -> None:
         """After a compaction: the current content replaces the model's inputs."""
         self.model = Model(self.node_name, debug_events=self.debug_events)
-        self.model.set_node(overlay=self.overlay, node_ip=self.node.public_ip, netdevs=self._netdevs())
+        self.model.set_node(overlay=self.overlay, node_ip=self.node.public_ip, **self._netdevs())
         self.model.set_links(netplumb.link_table())
         self.load_all()
         self._full_sync()
@@ -347,9 +364,13 @@ class Daemon:
         desired = self.model.snapshot()
         self.reconciler.apply(self.reconciler.initial_changes(desired))
 
-    def _netdevs(self) -> list[int]:
+    def _netdevs(self) -> dict:
+        """The node's own devices, as Model.set_node takes them: from_netdev on the uplink and
+        lo, to_netdev (masquerade) on the uplink, and the cluster network it must not SNAT."""
         links = netplumb.link_table()
-        return [links[n].ifindex for n in (self.node.uplink, "lo") if n in links]
+        return {"netdevs": [links[n].ifindex for n in (self.node.uplink, "lo") if n in links],
+                "uplink": links[self.node.uplink].ifindex if self.node.uplink in links else 0,
+                "cluster_cidr": self.network.network}
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
@@ -382,7 +403,8 @@ class Daemon:
                 if self.reload_requested:
                     self.reload_requested = False
                     self.setup_overlay()   # network config (VNI, port) re-read from the store
-                    self.model.set_node(overlay=self.overlay, netdevs=self._netdevs())
+                    self.model.set_node(overlay=self.overlay, snat_ports=self.snat_ports(self.model.cluster),
+                                        **self._netdevs())
                     self.model.set_links(netplumb.link_table())
                     self.reconcile(force_attach=True)
                     log.info("reloaded")

@@ -21,6 +21,7 @@
 #define MAX_AFFINITY 65536
 #define MAX_FRAGMENTS 8192
 #define MAX_NODES 16384
+#define MAX_SNAT_EXCLUDE 16384	/* cluster + services + every node + the user's CIDRs */
 /* The template of every per-service Maglev table; BPF_F_INNER_MAP lets each service
  * have its own (prime) size. */
 #define MAGLEV_TEMPLATE_SIZE 1021
@@ -124,5 +125,14 @@ struct {
 	__uint(max_entries, MAX_FRAGMENTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fragments SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct snat_exclude_key);
+	__type(value, struct snat_exclude_value);
+	__uint(max_entries, MAX_SNAT_EXCLUDE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} snat_exclude SEC(".maps");
 
 #endif

@@ -47,7 +47,11 @@ enum counter_id {
 	CTR_FWD_OVERLAY = 11,		/* encapsulated to the node that owns the destination */
 	CTR_FROM_OVERLAY = 12,		/* decapsulated traffic for this node */
 	CTR_DROP_NO_TUNNEL = 13,	/* to the cluster network, but no node owns that subnet */
-	CTR_MAX = 14,
+	CTR_SNAT_NEW = 14,		/* a pod's new flow to the outside got a port of this node (masquerade) */
+	CTR_SNAT_REV = 15,		/* a reply of a masqueraded flow translated back to its pod */
+	CTR_SNAT_ICMP_ERROR = 16,	/* an ICMP error about a masqueraded flow translated back (inner header too) */
+	CTR_SNAT_PORT_EXHAUSTED = 17,	/* dropped: no free masquerade port towards that destination */
+	CTR_MAX = 18,
 };
 
 struct counter {
@@ -66,7 +70,13 @@ struct config {
 	__u16 pad;
 	__be32 snat_ip;			/* this node's overlay address (subnet .0): the source of
 					 * NodePort traffic sent to a backend on another node */
+	__be32 masq_ip;			/* this node's uplink address: the source of masqueraded pod traffic */
+	__u16 snat_port_min;		/* masquerade ports, host order, inclusive: outside the node's */
+	__u16 snat_port_max;		/* ephemeral range and the NodePort range */
 };
+
+/* config.flags */
+#define CFG_F_MASQUERADE 2		/* SNAT pod traffic leaving the cluster to masq_ip */
 
 /* tunnels (LPM trie): remote pod subnet -> the node that owns it (from its subnet lease). */
 struct tunnel_key {
@@ -118,6 +128,8 @@ struct backend_key {
 enum ct_dir {
 	CT_FORWARD = 0,
 	CT_REPLY = 1,
+	CT_SNAT_OUT = 2,		/* masquerade: pod -> outside, the pod's tuple; nat = node IP:port */
+	CT_SNAT_IN = 3,			/* masquerade: outside -> node IP:port (the reply's tuple); nat = pod IP:port */
 };
 
 struct ct_key {
@@ -134,6 +146,7 @@ struct ct_key {
 #define CT_F_HAIRPIN 2			/* client and backend are the same pod: source rewritten too */
 #define CT_F_SEEN_REPLY 4		/* the backend answered */
 #define CT_F_SNAT 8			/* from outside to a remote backend: source is this node */
+#define CT_F_HOST 16			/* CT_SNAT_IN: the node's own flow holds this port (never translated) */
 
 struct ct_entry {
 	__u64 created_ns;		/* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
@@ -172,6 +185,24 @@ struct frag_key {
 struct frag_ports {
 	__be16 sport;
 	__be16 dport;
+};
+
+/* snat_exclude (LPM trie): destinations pods reach with their own address (never masqueraded):
+ * the cluster network, the service CIDR, every node's address, the no-masquerade CIDRs. */
+struct snat_exclude_key {
+	__u32 prefixlen;		/* LPM: bits of ip that count, host order */
+	__be32 ip;
+};
+
+enum snat_exclude_kind {
+	EXCL_CLUSTER = 1,
+	EXCL_SERVICES = 2,
+	EXCL_NODE = 3,
+	EXCL_USER = 4,			/* --no-masquerade-cidr */
+};
+
+struct snat_exclude_value {
+	__u32 kind;			/* enum snat_exclude_kind */
 };
 
 /* events (perf event array): what `atomnet monitor` prints. Drops always; translation

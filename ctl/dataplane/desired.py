@@ -10,7 +10,7 @@ import ipaddress
 import zlib
 from dataclasses import dataclass, field
 
-from .bpf.types import CFG_F_DEBUG_EVENTS
+from .bpf.types import CFG_F_DEBUG_EVENTS, CFG_F_MASQUERADE, SnatExcludeKind
 from ..node.netplumb import LinkInfo
 from ..state.model import PROTOCOLS, ClusterConfig, Forward, Lease, Pod, Service, resolve_backends
 
@@ -19,7 +19,7 @@ Frozen = tuple  # tuple of (field, value) pairs, sorted by field
 # Maps the daemon writes, in apply order: a map is filled before the maps that point
 # into it (backends and their Maglev tables before the service frontends that use them);
 # deletions run in the reverse order.
-OWNED_MAPS = ("config", "endpoints", "tunnels", "backends", "services")
+OWNED_MAPS = ("config", "endpoints", "tunnels", "snat_exclude", "backends", "services")
 # Maps whose values belong to the programs (counters): the daemon only adds and removes keys.
 KEY_ONLY_MAPS = ("backends",)
 
@@ -61,19 +61,43 @@ def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
     return MaglevSpec(size, key, digest)
 
 
+def snat_exclusions(cluster: ClusterConfig, cluster_cidr: str | None, node_ips: list[str]) -> dict[Frozen, Frozen]:
+    """Destinations a pod reaches with its own address (flannel's rule, plus the nodes:
+    their replies to a pod address come back through the overlay)."""
+    entries = [(cluster_cidr, SnatExcludeKind.EXCL_CLUSTER), (cluster.service_cidr, SnatExcludeKind.EXCL_SERVICES)]
+    entries += [(f"{ip}/32", SnatExcludeKind.EXCL_NODE) for ip in node_ips if ip]
+    entries += [(cidr, SnatExcludeKind.EXCL_USER) for cidr in cluster.no_masquerade_cidrs]
+    out: dict[Frozen, Frozen] = {}
+    for cidr, kind in entries:
+        if cidr:
+            n = ipaddress.IPv4Network(cidr)
+            out.setdefault(freeze({"prefixlen": n.prefixlen, "ip": str(n.network_address)}), freeze({"kind": int(kind)}))
+    return out
+
+
 def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: list[Service] = (),
             cluster: ClusterConfig | None = None, table_size_for=None, leases: list[Lease] = (),
             overlay: Overlay | None = None, forwards: list[Forward] = (), node_ip: str | None = None,
-            netdevs: list[int] = (), debug_events: bool = False) -> Desired:
+            netdevs: list[int] = (), debug_events: bool = False, uplink: int | None = None,
+            cluster_cidr: str | None = None, snat_ports: tuple[int, int] | None = None) -> Desired:
     out = Desired()
     cluster = cluster or ClusterConfig()
     net = ipaddress.IPv4Network(cluster.service_cidr)
+    # Masquerade needs the uplink (to_netdev), this node's address and a port range.
+    masquerade = bool(cluster.masquerade and uplink and node_ip and snat_ports)
+    flags = (CFG_F_DEBUG_EVENTS if debug_events else 0) | (CFG_F_MASQUERADE if masquerade else 0)
     out.maps["config"][freeze({"value": 0})] = freeze({
         "service_net": str(net.network_address), "service_mask": str(net.netmask),
-        "flags": CFG_F_DEBUG_EVENTS if debug_events else 0,
+        "flags": flags,
         "overlay_ifindex": overlay.ifindex if overlay else 0, "vni": overlay.vni if overlay else 0,
         "vtep_mac": overlay.vtep_mac if overlay else "00:00:00:00:00:00",
-        "snat_ip": str(ipaddress.IPv4Network(overlay.subnet).network_address) if overlay else "0.0.0.0"})
+        "snat_ip": str(ipaddress.IPv4Network(overlay.subnet).network_address) if overlay else "0.0.0.0",
+        "masq_ip": node_ip if masquerade else "0.0.0.0",
+        "snat_port_min": snat_ports[0] if masquerade else 0, "snat_port_max": snat_ports[1] if masquerade else 0})
+    if uplink:
+        out.egress[uplink] = "to_netdev"   # attached either way: it passes everything while masquerade is off
+    if masquerade:
+        out.maps["snat_exclude"] = snat_exclusions(cluster, cluster_cidr, [node_ip] + [l.public_ip for l in leases])
 
     if overlay:
         out.ingress[overlay.ifindex] = "from_overlay"
@@ -168,6 +192,9 @@ class Model:
         self.overlay: Overlay | None = None
         self.node_ip: str | None = None
         self.netdevs: tuple[int, ...] = ()
+        self.uplink = 0                                   # to_netdev's device (masquerade)
+        self.cluster_cidr: str | None = None              # never masqueraded
+        self.snat_ports: tuple[int, int] | None = None    # masquerade source ports (ctl/node/snatports.py)
         self.pods: dict[str, Pod] = {}
         self.services: dict[str, Service] = {}
         self.forwards: dict[str, Forward] = {}
@@ -194,10 +221,18 @@ class Model:
 
     # ---------------------------------------------------------------- inputs
     def set_node(self, cluster: ClusterConfig | None = None, overlay: Overlay | None = None,
-                 node_ip: str | None = None, netdevs=None) -> None:
-        """Config-level facts: rare, and they touch everything."""
+                 node_ip: str | None = None, netdevs=None, uplink: int | None = None,
+                 cluster_cidr: str | None = None, snat_ports=False) -> None:
+        """Config-level facts: rare, and they touch everything. (snat_ports=None is a value:
+        no usable port range, so no masquerade; leaving it out keeps the current one.)"""
         if cluster is not None:
             self.cluster = cluster
+        if uplink is not None:
+            self.uplink = uplink
+        if cluster_cidr is not None:
+            self.cluster_cidr = cluster_cidr
+        if snat_ports is not False:
+            self.snat_ports = snat_ports
         if overlay is not None:
             self.overlay = overlay
         if node_ip is not None:
@@ -289,6 +324,8 @@ class Model:
         else:
             self.leases[subnet] = lease
         self.dirty.add(("lease", subnet))
+        if (old and old.public_ip) != (lease and lease.public_ip):
+            self.dirty.add(("config", ""))   # the nodes' addresses are never masqueraded
         # Remote backends in that subnet become reachable or not: their services and forwards.
         net = ipaddress.IPv4Network(subnet)
         lo = int(net.network_address)
@@ -424,12 +461,24 @@ class Model:
     def _contrib_config(self, _name: str) -> dict:
         net = ipaddress.IPv4Network(self.cluster.service_cidr)
         ov = self.overlay
+        ports = self.snat_ports
+        # Masquerade needs the uplink (to_netdev), this node's address and a port range.
+        masquerade = bool(self.cluster.masquerade and self.uplink and self.node_ip and ports)
+        flags = (CFG_F_DEBUG_EVENTS if self.debug_events else 0) | (CFG_F_MASQUERADE if masquerade else 0)
         out: dict = {("config", freeze({"value": 0})): freeze({
             "service_net": str(net.network_address), "service_mask": str(net.netmask),
-            "flags": CFG_F_DEBUG_EVENTS if self.debug_events else 0,
+            "flags": flags,
             "overlay_ifindex": ov.ifindex if ov else 0, "vni": ov.vni if ov else 0,
             "vtep_mac": ov.vtep_mac if ov else "00:00:00:00:00:00",
-            "snat_ip": str(ipaddress.IPv4Network(ov.subnet).network_address) if ov else "0.0.0.0"})}
+            "snat_ip": str(ipaddress.IPv4Network(ov.subnet).network_address) if ov else "0.0.0.0",
+            "masq_ip": self.node_ip if masquerade else "0.0.0.0",
+            "snat_port_min": ports[0] if masquerade else 0, "snat_port_max": ports[1] if masquerade else 0})}
+        if self.uplink:
+            out[(EGRESS, self.uplink)] = "to_netdev"   # attached either way: it passes everything while off
+        if masquerade:
+            node_ips = [self.node_ip] + [lease.public_ip for lease in self.leases.values()]
+            for key, value in snat_exclusions(self.cluster, self.cluster_cidr, node_ips).items():
+                out[("snat_exclude", key)] = value
         if ov:
             out[(INGRESS, ov.ifindex)] = "from_overlay"
             out[(EGRESS, ov.ifindex)] = "to_overlay"

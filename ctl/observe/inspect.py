@@ -10,7 +10,7 @@ from ..node import netplumb
 from ..dataplane.bpf import syscalls as sc, tc
 from ..dataplane.bpf.loader import Loader, map_catalog, open_map
 from ..dataplane.bpf.maps import Map
-from ..dataplane.bpf.types import CounterId
+from ..dataplane.bpf.types import CounterId, CtDir
 from ..errors import AtomnetError
 from ..node.netlink import dump
 
@@ -156,25 +156,61 @@ def lb_list(loader: Loader, service_names: dict[int, str]) -> list[dict]:
 
 def ct_list(loader: Loader) -> list[dict]:
     """Decoded conntrack: the tuple as seen, the translation, age and flags."""
-    from ..dataplane.bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT
     now = _monotonic_ns()
     out = []
     for e in map_dump(loader, "conntrack"):
         k, v = e["key"], e["value"]
-        flags = [n for bit, n in ((CT_F_CLOSING, "closing"), (CT_F_HAIRPIN, "hairpin"),
-                                  (CT_F_SEEN_REPLY, "seen_reply"), (CT_F_SNAT, "snat")) if v["flags"] & bit]
-        reply = k["dir"] == 1
-        out.append({
-            "dir": "reply" if reply else "forward", "proto": _PROTO_NAMES.get(k["proto"], k["proto"]),
-            "src": f"{k['saddr']}:{k['sport']}", "dst": f"{k['daddr']}:{k['dport']}",
+        reply = k["dir"] == CtDir.CT_REPLY
+        if k["dir"] in (CtDir.CT_SNAT_OUT, CtDir.CT_SNAT_IN):
+            # masquerade: out entries rewrite the source to the node, in entries the destination to the pod
+            nat = f"{'src' if k['dir'] == CtDir.CT_SNAT_OUT else 'dst'}={v['nat_ip']}:{v['nat_port']}"
+        else:
             # forward entries rewrite the destination to the backend; replies the source to the VIP
-            "nat": f"{'src' if reply else 'dst'}={v['nat_ip']}:{v['nat_port']}"
-                   + (f",{'dst' if reply else 'src'}={v['snat_ip']}" if v["snat_ip"] != "0.0.0.0" else ""),
+            nat = (f"{'src' if reply else 'dst'}={v['nat_ip']}:{v['nat_port']}"
+                   + (f",{'dst' if reply else 'src'}={v['snat_ip']}" if v["snat_ip"] != "0.0.0.0" else ""))
+        out.append({
+            "dir": _CT_DIR_NAMES.get(k["dir"], k["dir"]), "proto": _PROTO_NAMES.get(k["proto"], k["proto"]),
+            "src": f"{k['saddr']}:{k['sport']}", "dst": f"{k['daddr']}:{k['dport']}",
+            "nat": nat,
             "service_id": v["service_id"], "age_s": round((now - v["created_ns"]) / 1e9, 1),
             "idle_s": round((now - v["last_seen_ns"]) / 1e9, 1), "packets": v["packets"], "bytes": v["bytes"],
-            "flags": flags,
+            "flags": _ct_flags(v["flags"]),
         })
     return out
+
+
+_CT_DIR_NAMES = {0: "forward", 1: "reply", 2: "snat_out", 3: "snat_in"}
+
+
+def _ct_flags(bits: int) -> list[str]:
+    from ..dataplane.bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_HOST, CT_F_SEEN_REPLY, CT_F_SNAT
+    return [n for bit, n in ((CT_F_CLOSING, "closing"), (CT_F_HAIRPIN, "hairpin"), (CT_F_SEEN_REPLY, "seen_reply"),
+                             (CT_F_SNAT, "snat"), (CT_F_HOST, "host")) if bits & bit]
+
+
+def snat_list(loader: Loader) -> list[dict]:
+    """Masqueraded flows, one row each: the pod's tuple -> the node address and port it
+    left with (CT_SNAT_OUT), with the reply side's packet count (CT_SNAT_IN)."""
+    now = _monotonic_ns()
+    entries = [(e["key"], e["value"]) for e in map_dump(loader, "conntrack")]
+    replies = {(k["saddr"], k["sport"], k["daddr"], k["dport"], k["proto"]): v
+               for k, v in entries if k["dir"] == CtDir.CT_SNAT_IN}
+    out = []
+    for k, v in entries:
+        if k["dir"] != CtDir.CT_SNAT_OUT:
+            continue
+        reply = replies.get((k["daddr"], k["dport"], v["nat_ip"], v["nat_port"], k["proto"]))
+        proto = _PROTO_NAMES.get(k["proto"], k["proto"])
+        out.append({
+            "proto": proto, "src": f"{k['saddr']}:{k['sport']}", "dst": f"{k['daddr']}:{k['dport']}",
+            "nat": f"{v['nat_ip']}:{v['nat_port']}", "pod_ip": k["saddr"], "pod_port": k["sport"],
+            "node_ip": v["nat_ip"], "node_port": v["nat_port"],
+            "age_s": round((now - v["created_ns"]) / 1e9, 1), "idle_s": round((now - v["last_seen_ns"]) / 1e9, 1),
+            "packets": v["packets"], "bytes": v["bytes"],
+            "reply_packets": reply["packets"] if reply else 0, "reply_bytes": reply["bytes"] if reply else 0,
+            "flags": _ct_flags(v["flags"] | (reply["flags"] if reply else 0)),
+        })
+    return sorted(out, key=lambda r: (r["dst"], r["src"]))
 
 
 def tunnel_list(loader: Loader, lease_expiry: dict[str, float | None]) -> list[dict]:

@@ -47,6 +47,10 @@ def frontend_counters(backends: Map, frontends: dict, names: dict[int, str]) -> 
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 
 
+# Counters that are drops without the drop_ prefix (their name says why, as in `atomnet stats`).
+DROP_COUNTERS = {"snat_port_exhausted"}
+
+
 class DataplaneCollector:
     """Reads the pinned maps of this node on every scrape."""
 
@@ -61,7 +65,7 @@ class DataplaneCollector:
         for row in snap.get("counters", []):
             packets.add_metric([row["counter"]], row["packets"])
             nbytes.add_metric([row["counter"]], row["bytes"])
-            if row["counter"].startswith("drop_"):
+            if row["counter"].startswith("drop_") or row["counter"] in DROP_COUNTERS:
                 drops.add_metric([row["counter"].removeprefix("drop_")], row["packets"])
         yield from (packets, nbytes, drops)
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from dataclasses import replace
 
 import structlog
 
 from ..errors import AtomnetError
 from .model import (ATOMNET_CONFIG_KEY, IPAM_PREFIX, NETWORK_CONFIG_KEY, NODES_PREFIX, SUBNETS_PREFIX,
-                    VIPS_PREFIX, ClusterConfig, Lease, NetworkConfig, Node, ValidationError, pod_addresses, subnet_key)
+                    VIPS_PREFIX, ClusterConfig, Lease, NetworkConfig, Node, ValidationError, parse_network,
+                    pod_addresses, subnet_key)
 from . import names
 from .store import Store
 
@@ -24,9 +26,12 @@ LEASE_RENEW_MARGIN = 3600    # ... and are renewed 1 h before they expire
 
 
 def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str,
-                 cluster_domain: str = names.DEFAULT_CLUSTER_DOMAIN,
-                 dns_vip: str | None = None) -> tuple[NetworkConfig, ClusterConfig]:
-    """Writes flannel's config and atomnet's; the same values again is a no-op, different ones an error."""
+                 cluster_domain: str = names.DEFAULT_CLUSTER_DOMAIN, dns_vip: str | None = None,
+                 masquerade: bool | None = None,
+                 no_masquerade_cidrs: list[str] | None = None) -> tuple[NetworkConfig, ClusterConfig]:
+    """Writes flannel's config and atomnet's; the same values again is a no-op, different ones an error.
+    The masquerade settings (None: keep what is stored, else the default) may change on a
+    later init: the daemons apply them live."""
     cfg = NetworkConfig(network=cidr, subnet_len=subnet_len)
     ClusterConfig(service_cidr=service_cidr)   # validates the CIDR before the DNS VIP is derived from it
     domain = names.validate_domain(cluster_domain)
@@ -34,6 +39,16 @@ def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str,
     cluster = ClusterConfig(service_cidr=service_cidr, cluster_domain=domain, dns_vip=vip)
     if cfg.net.overlaps(ipaddress.IPv4Network(service_cidr)):
         raise ValidationError(f"service CIDR {service_cidr} overlaps the cluster network {cidr}")
+    masq = {}
+    if masquerade is not None:
+        masq["masquerade"] = masquerade
+    if no_masquerade_cidrs is not None:
+        masq["no_masquerade_cidrs"] = tuple(dict.fromkeys(no_masquerade_cidrs))   # order kept, duplicates dropped
+        for extra in masq["no_masquerade_cidrs"]:
+            if parse_network(extra, "no-masquerade CIDR").overlaps(cfg.net):
+                raise ValidationError(f"no-masquerade CIDR {extra} overlaps the cluster network {cidr} "
+                                      "(pod-to-pod traffic is never masqueraded anyway)")
+    cluster = replace(cluster, **masq)
     existing = store.get(NETWORK_CONFIG_KEY)
     if existing is not None:
         old = NetworkConfig.from_json(existing.value)
@@ -62,6 +77,11 @@ def init_network(store: Store, cidr: str, subnet_len: int, service_cidr: str,
             raise AtomnetError(f"DNS VIP {vip} is already used by service {owner.value}: pass another --dns-vip")
         writes.append((ATOMNET_CONFIG_KEY, cluster.to_json()))
         writes.append((VIPS_PREFIX + vip, names.DNS_VIP_OWNER))   # no service can take it
+    else:
+        stored = ClusterConfig.from_json(old_cluster.value)
+        cluster = replace(stored, **masq)
+        if cluster != stored:
+            writes.append((ATOMNET_CONFIG_KEY, cluster.to_json()))
     if writes:
         store.put_many(writes)  # both or neither
     return cfg, cluster

@@ -144,12 +144,23 @@ class ClusterConfig:
     node_port_range: str = DEFAULT_NODE_PORT_RANGE
     cluster_domain: str = "cluster.local"   # names: ctl/state/names.py, served by ctl/dns/
     dns_vip: str = ""                       # "" = the service CIDR's 10th address (names.default_dns_vip)
+    # Masquerade (SNAT to the node's address) of pod traffic leaving the cluster: on by
+    # default, as Docker does; destinations in no_masquerade_cidrs keep the pod's address.
+    masquerade: bool = True
+    no_masquerade_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self):
         parse_network(self.service_cidr, "service CIDR")
+        if not isinstance(self.masquerade, bool):
+            raise ValidationError(f"masquerade must be true or false, not {self.masquerade!r}")
+        object.__setattr__(self, "no_masquerade_cidrs", tuple(self.no_masquerade_cidrs))
+        for cidr in self.no_masquerade_cidrs:
+            parse_network(cidr, "no-masquerade CIDR")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        doc = asdict(self)
+        doc["no_masquerade_cidrs"] = list(self.no_masquerade_cidrs)
+        return json.dumps(doc)
 
     @classmethod
     def from_json(cls, text: str) -> "ClusterConfig":

@@ -185,6 +185,11 @@ class Bench:
         self.dc = topo.docker_container(rig, self.dk, "dc")
         topo.iptables_restore(self.dk.netns, rules.docker(self.dc.ip, HTTP_PORT, HOST_PORT), t, noflush=False)
         self.ext = rig.add_host("ext")
+        # egress baseline: a routed node whose pod's traffic to the outside is masqueraded by
+        # the kernel (flannel --ip-masq's iptables rules); the outside is the ext host
+        self.mq = topo.routed_node(rig, "mq")
+        self.ma = topo.routed_pod(rig, self.mq, "ma", "10.250.1.2")
+        topo.iptables_restore(self.mq.netns, rules.ip_masq("10.250.0.0/16"), t, noflush=False)
 
         self.step("setup: servers (iperf3, sockperf, nginx with one worker), atomnet service and forward")
         self.serve(self.b["name"])
@@ -193,6 +198,7 @@ class Bench:
         self.serve(self.kb.name)
         self.serve(self.fb.name, http=False)
         self.serve(self.dc.name, iperf=False)
+        self.serve(self.ext.netns)
         self.n1.atomnet("service", "add", f"iperf{rig.uid}", "--port", IPERF_PORT, "--vip", IPERF_VIP,
                         "--backend", self.b["name"])
         self.n1.atomnet("forward", "add", f"{self.b['name']}:{HTTP_PORT}", "--host-port", HOST_PORT)
@@ -212,6 +218,8 @@ class Bench:
         self.http_ok(self.ka.name, self.kb.ip, HTTP_PORT)
         self.http_ok(self.ext.netns, self.n1.ip, HOST_PORT)
         self.http_ok(self.ext.netns, self.dk.ip, HOST_PORT)
+        self.http_ok(self.a["name"], self.ext.ip, HTTP_PORT)
+        self.http_ok(self.ma.name, self.ext.ip, HTTP_PORT)
         in_pod(self.a["name"], "ping", "-c1", "-W2", self.c["ip"])
         in_pod(self.fa.name, "ping", "-c1", "-W2", self.fb.ip)
 
@@ -292,6 +300,33 @@ class Bench:
                              note="atomnet: from_netdev on the uplink; Docker: DOCKER chain DNAT, FORWARD accept, "
                                   "MASQUERADE rules; client on another host of the underlay"))
         self.series["host_port"] = {k: v.to_dict() for k, v in res.items()}
+
+    def egress(self) -> None:
+        self.step("case: pod -> outside, masqueraded (tc to_netdev vs iptables MASQUERADE)")
+        a, ma, ext = self.a["name"], self.ma.name, self.ext.ip
+        with self.quiet():
+            thr = interleave(self.cfg.reps, {
+                "atomnet": lambda: self.iperf(a, ext),
+                "iptables MASQUERADE": lambda: self.iperf(ma, ext),
+            }, self.log, "iperf3")
+            crr = interleave(self.cfg.reps, {
+                "atomnet": lambda: self.crr(a, ext, HTTP_PORT),
+                "iptables MASQUERADE": lambda: self.crr(ma, ext, HTTP_PORT),
+            }, self.log, "crr")
+        flows = self.n1.atomnet_json("ct", "list", "--nat")
+        assert flows and all(f["node_ip"] == self.n1.ip for f in flows), "atomnet's runs were masqueraded"
+        self.rows += [
+            Row("pod → outside (masquerade)", "throughput (iperf3, 1 TCP stream)", "Gbit/s", thr["atomnet"],
+                thr["iptables MASQUERADE"], [Target(">=", 1.0, text="≥ 1.0× iptables MASQUERADE")],
+                note="atomnet: from_pod, kernel forwarding, to_netdev SNAT at tc egress of the uplink, "
+                     "from_netdev reverse SNAT + bpf_redirect_peer; baseline: routed veth node with "
+                     "flanneld --ip-masq's MASQUERADE --random-fully (nf_conntrack); server: a host on the underlay"),
+            Row("pod → outside (masquerade)", "new connections/s (RST close)", "conn/s", crr["atomnet"],
+                crr["iptables MASQUERADE"], [Target(">=", 1.0, text="≥ 1.0× iptables MASQUERADE")],
+                note="one destination (ext:8080): every connection takes a port of the masquerade range"),
+        ]
+        self.series["egress"] = {"throughput": {k: v.to_dict() for k, v in thr.items()},
+                                 "crr": {k: v.to_dict() for k, v in crr.items()}}
 
     def connections_vs_services(self) -> None:
         c = self.cfg
@@ -498,6 +533,7 @@ class Bench:
         self.latency_same_node()
         self.cross_node()
         self.host_port()
+        self.egress()
         self.connections_vs_services()
         self.dns()
         self.control_plane()

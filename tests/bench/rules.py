@@ -154,3 +154,17 @@ def docker(container_ip: str, container_port: int, host_port: int, bridge: str =
         "-A DOCKER-ISOLATION-STAGE-2 -j RETURN",
         "-A DOCKER-USER -j RETURN",
         "COMMIT", ""])
+
+
+def ip_masq(pod_cidr: str) -> str:
+    """flanneld --ip-masq's rules (flannel 0.2x, iptables-save form): pod traffic leaving the
+    pod network is masqueraded, with fully random source ports."""
+    return "\n".join([
+        "*nat",
+        ":FLANNEL-POSTRTG - [0:0]",
+        '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+        f"-A FLANNEL-POSTRTG -s {pod_cidr} -d {pod_cidr} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {pod_cidr} ! -d 224.0.0.0/4 -j MASQUERADE --random-fully",
+        "COMMIT",
+        "",
+    ])

@@ -40,7 +40,7 @@ def test_benchmark_smoke_run(tmp_path):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     cases = {r["case"] for r in data["rows"]}
     for expected in ("same-node pod → pod", "pod → service, established", "cross-node pod → pod",
-                     "host port from outside", "pod → service, new connections/s, 1 service",
+                     "host port from outside", "pod → outside (masquerade)", "pod → service, new connections/s, 1 service",
                      "pod → service, new connections/s, 3 services", "DNS: A queries of service names, 3 services"):
         assert expected in cases, f"{expected} missing from {sorted(cases)}"
     assert any(c.startswith("control plane: program") for c in cases)

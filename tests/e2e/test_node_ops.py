@@ -34,10 +34,11 @@ def test_ids_agree_with_bpftool(rig, node):
         assert (tool["id"], tool["type"], tool["bytes_key"], tool["bytes_value"], tool["max_entries"]) == (
             m["id"], m["type"], m["key_size"], m["value_size"], m["max_entries"])
     ids = {p["name"]: p["id"] for p in progs}
-    assert set(ids) == {"from_pod", "from_overlay", "to_overlay", "from_netdev"}
+    assert set(ids) == {"from_pod", "from_overlay", "to_overlay", "from_netdev", "to_netdev"}
     attached = [f for f in node.atomnet_json("net", "show") if f["atomnet"]]
     assert {f["name"] for f in attached} == {f"atomnet:{n}" for n in ids}
     assert {f["ifname"] for f in attached if f["name"] == "atomnet:from_netdev"} == {"uplink0", "lo"}
+    assert [(f["ifname"], f["direction"]) for f in attached if f["name"] == "atomnet:to_netdev"] == [("uplink0", "egress")]
     assert all(f["prog_id"] == ids[f["name"].removeprefix("atomnet:")] and f["direct_action"] for f in attached)
     dumped = node.atomnet_json("map", "dump", "endpoints")
     assert dumped and all("." in e["key"]["ip"] and ":" in e["value"]["mac"] for e in dumped)

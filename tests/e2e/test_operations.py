@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from ctl.dataplane.bpf.loader import OBJECT_NAMES
 from tests.e2e.rig import REPO, in_pod, spawn_in_pod
 from tests.e2e.servers import http_load, nginx
 
@@ -54,7 +55,7 @@ def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node,
     # The "new version": the same programs built with a conntrack table twice as large.
     objdir = tmp_path / "objects-v2"
     subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={objdir}", "EXTRA_BPF_CFLAGS=-DMAX_CONNTRACK=524288",
-                    *[f"{objdir}/{n}.o" for n in ("from_pod", "from_overlay", "to_overlay", "from_netdev")]],
+                    *[f"{objdir}/{n}.o" for n in OBJECT_NAMES]],
                    check=True, capture_output=True)
     iperf_srv = backends[0]
     rig.spawn(spawn_in_pod(iperf_srv["name"], "iperf3", "-s", "-1", "-p", "5301"))

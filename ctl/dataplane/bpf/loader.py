@@ -28,7 +28,7 @@ log = structlog.get_logger("atomnet.loader")
 
 DEFAULT_BPFFS = "/sys/fs/bpf/atomnet"
 BPF_FS_MAGIC = 0xCAFE4A11
-OBJECT_NAMES = ("from_pod", "from_overlay", "to_overlay", "from_netdev")  # bpf/NAME.c, one per attach point
+OBJECT_NAMES = ("from_pod", "from_overlay", "to_overlay", "from_netdev", "to_netdev")  # bpf/NAME.c, one per attach point
 
 
 def objects_dir() -> Path:

@@ -29,17 +29,32 @@ class CounterId(enum.IntEnum):
     CTR_FWD_OVERLAY = 11
     CTR_FROM_OVERLAY = 12
     CTR_DROP_NO_TUNNEL = 13
-    CTR_MAX = 14
+    CTR_SNAT_NEW = 14
+    CTR_SNAT_REV = 15
+    CTR_SNAT_ICMP_ERROR = 16
+    CTR_SNAT_PORT_EXHAUSTED = 17
+    CTR_MAX = 18
 
 
 class CtDir(enum.IntEnum):
     """enum ct_dir"""
     CT_FORWARD = 0
     CT_REPLY = 1
+    CT_SNAT_OUT = 2
+    CT_SNAT_IN = 3
 
 
-CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT = 1, 2, 4, 8
+CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT, CT_F_HOST = 1, 2, 4, 8, 16
 CFG_F_DEBUG_EVENTS = 1
+CFG_F_MASQUERADE = 2
+
+
+class SnatExcludeKind(enum.IntEnum):
+    """enum snat_exclude_kind: why a destination keeps the pod's address"""
+    EXCL_CLUSTER = 1
+    EXCL_SERVICES = 2
+    EXCL_NODE = 3
+    EXCL_USER = 4
 
 
 class EventType(enum.IntEnum):
@@ -119,8 +134,9 @@ class Counter(Mirror):
 class Config(Mirror):
     _fields_ = [("service_net", ct.c_uint32), ("service_mask", ct.c_uint32), ("flags", ct.c_uint32),
                 ("overlay_ifindex", ct.c_uint32), ("vni", ct.c_uint32), ("vtep_mac", ct.c_uint8 * 6),
-                ("pad", ct.c_uint16), ("snat_ip", ct.c_uint32)]
-    _format_ = {"service_net": IPV4, "service_mask": IPV4, "vtep_mac": MAC, "snat_ip": IPV4}
+                ("pad", ct.c_uint16), ("snat_ip", ct.c_uint32), ("masq_ip", ct.c_uint32),
+                ("snat_port_min", ct.c_uint16), ("snat_port_max", ct.c_uint16)]
+    _format_ = {"service_net": IPV4, "service_mask": IPV4, "vtep_mac": MAC, "snat_ip": IPV4, "masq_ip": IPV4}
 
 
 class TunnelKey(Mirror):
@@ -131,6 +147,15 @@ class TunnelKey(Mirror):
 class TunnelInfo(Mirror):
     _fields_ = [("node_ip", ct.c_uint32), ("vtep_mac", ct.c_uint8 * 6), ("pad", ct.c_uint16)]
     _format_ = {"node_ip": IPV4, "vtep_mac": MAC}
+
+
+class SnatExcludeKey(Mirror):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ip", ct.c_uint32)]
+    _format_ = {"ip": IPV4}
+
+
+class SnatExcludeValue(Mirror):
+    _fields_ = [("kind", ct.c_uint32)]
 
 
 class ServiceKey(Mirror):
@@ -217,9 +242,12 @@ MIRRORS: dict[str, type[Mirror]] = {
     "frag_ports": FragPorts,
     "tunnel_key": TunnelKey,
     "tunnel_info": TunnelInfo,
+    "snat_exclude_key": SnatExcludeKey,
+    "snat_exclude_value": SnatExcludeValue,
     "event": Event,
     "__u32": U32,
 }
 
 # C enum name -> mirror enum, checked against the DWARF too.
+# (enum snat_exclude_kind is only written by the daemon, never named by a program: no DWARF to check.)
 ENUMS: dict[str, type[enum.IntEnum]] = {"counter_id": CounterId, "ct_dir": CtDir, "event_type": EventType}
