@@ -84,9 +84,15 @@ class DockerHost:
     def _mount_namespace(self) -> None:
         ns_dir = self.mnt_ns.parent
         sh("mount", "--bind", ns_dir, ns_dir)       # a namespace file must sit on a private mount
-        sh("mount", "--make-private", ns_dir)
-        self.mnt_ns.touch()
-        sh("unshare", f"--mount={self.mnt_ns}", "--propagation", "private", "mount", "--bind", self.run_dir, "/run")
+        try:
+            sh("mount", "--make-private", ns_dir)
+            self.mnt_ns.touch()
+            sh("unshare", f"--mount={self.mnt_ns}", "--propagation", "private", "mount", "--bind", self.run_dir,
+               "/run")
+        except BaseException:
+            sh("umount", self.mnt_ns, check=False)
+            sh("umount", ns_dir, check=False)
+            raise
 
     # ------------------------------------------------------------ processes
     def start_plugin(self) -> None:

@@ -78,6 +78,7 @@ def test_one_host_names_ports_services_and_cleanup(rig, docker_hosts):
     n1 = h1.node
     h1.docker("network", "create", "-d", "atomnet", "--ipam-driver", "atomnet", "atomnet")
     assert '"Driver": "atomnet"' in h1.docker("network", "inspect", "atomnet").stdout
+    empty = node_state(rig, n1)
 
     web = run_web(h1, "web", "-p", "8080:80", "--label", "app=frontend", "--label", "com.example.Bad_Key!=x")
     ip = h1.container_ip("web")
@@ -97,15 +98,20 @@ def test_one_host_names_ports_services_and_cleanup(rig, docker_hosts):
     fwds = n1.atomnet_json("forward", "list")
     assert [(f["host_port"], f["pod"], f["port"]) for f in fwds] == [(8080, web, 80)]
     ext = rig.add_host("ext")
-    got = wait_until(lambda: ext.exec("curl", "-s", "--max-time", "2", f"http://{n1.ip}:8080/", check=False)
-                     .stdout.strip() == "web", "-p 8080:80 from outside")
-    assert got
+    assert wait_until(lambda: ext.exec("curl", "-s", "--max-time", "2", f"http://{n1.ip}:8080/", check=False)
+                      .stdout.strip() == "web", "-p 8080:80 from outside")
 
     # -P: atomnet picks the host port
     auto = run_web(h1, "auto", "--expose", "80", "-P")
     port = next(f["host_port"] for f in n1.atomnet_json("forward", "list") if f["pod"] == auto)
     assert wait_until(lambda: ext.exec("curl", "-s", "--max-time", "2", f"http://{n1.ip}:{port}/",
                                        check=False).stdout.strip() == "auto", "-P from outside")
+    # -p IP:HOST:CONTAINER and /udp
+    more = run_web(h1, "more", "-p", f"{n1.ip}:8082:80", "-p", "5353:53/udp")
+    assert sorted((f["proto"], f["host_ip"], f["host_port"], f["port"]) for f in n1.atomnet_json("forward", "list")
+                  if f["pod"] == more) == [("tcp", n1.ip, 8082, 80), ("udp", n1.ip, 5353, 53)]
+    assert wait_until(lambda: ext.exec("curl", "-s", "--max-time", "2", f"http://{n1.ip}:8082/",
+                                       check=False).stdout.strip() == "more", "-p IP:8082:80 from outside")
 
     # a service selecting containers by their Docker labels
     svc = n1.atomnet_json("service", "add", "websvc", "--port", "80", "--selector", "app=frontend")
@@ -113,18 +119,10 @@ def test_one_host_names_ports_services_and_cleanup(rig, docker_hosts):
     assert http_get(h1, vip).stdout.strip() == "web"
 
     # removal leaves no veth, pod, address or forward
-    host_if = pods[web]["host_ifname"]
-    h1.docker("rm", "-f", "web", "auto")
-    assert not [p for p in n1.atomnet_json("pod", "list") if p["runtime"] == "docker"]
-    assert n1.atomnet_json("forward", "list") == []
-    links = n1.exec("ip", "-o", "link").stdout
-    assert host_if not in links and " ad" not in links
     n1.atomnet("service", "del", "websvc")
+    h1.docker("rm", "-f", "web", "auto", "more")
+    assert node_state(rig, n1) == empty
     h1.docker("network", "rm", "atomnet")
-    from ctl.state.model import IPAM_PREFIX
-    from ctl.state.store import open_store
-    with open_store(rig.store) as store:
-        assert store.list(IPAM_PREFIX)[0] == [], "every address released"
 
 
 def node_state(rig, node) -> dict:

@@ -130,3 +130,14 @@ def test_container_of_an_endpoint_and_its_labels():
     assert find_container(listed, "bb" * 32) is None
     assert pod_labels(listed[1]) == {"app": "frontend", "docker-name": "web"}
     assert pod_labels({"Names": ["/Not_A_Valid-Label-Value-Because-It-Is-Way-Too-Long-For-Kubernetes-Labels-x"]}) == {}
+
+
+def test_plugin_cli_bad_input_is_one_line(tmp_path, capsys):
+    import os
+    from ctl.cli import main
+    if os.geteuid() != 0:
+        pytest.skip("the plugin refuses to start without root before it looks at its flags")
+    code = main(["--store", f"sqlite://{tmp_path}/s.db", "docker-plugin", "--socket", str(tmp_path / "p.sock"),
+                 "--docker-host", "tcp://127.0.0.1:2375"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.splitlines() == ["atomnet: docker host 'tcp://127.0.0.1:2375': only unix:// sockets are supported"]
