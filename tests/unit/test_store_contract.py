@@ -146,14 +146,13 @@ def test_list_prefix_sorted_with_revision(store):
 # --- transactions -----------------------------------------------------------
 
 
-def test_put_many_one_revision_and_fast(store):
+def test_put_many_one_revision(store):
+    # One transaction, one revision (its speed is the benchmark's: tests/bench, not a timed test).
     store.put("/old/1", "x")
     store.put("/old/2", "x")
     before = store.revision()
     items = [(f"/bulk/{i:05d}", f'{{"i": {i}}}') for i in range(10_000)]
-    t0 = time.monotonic()
     rev = store.put_many(items, deletes=["/old/1", "/old/2", "/old/absent"])
-    assert time.monotonic() - t0 < 1.0
     assert rev == before + 1 == store.revision()
     kvs, _ = store.list("/bulk/")
     assert len(kvs) == 10_000
