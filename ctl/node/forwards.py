@@ -12,6 +12,7 @@ from . import hostports, pods as podlib
 from ..errors import AtomnetError
 from ..state.model import (FORWARDS_PREFIX, HOSTPORTS_PREFIX, PODS_PREFIX, PROTOCOLS, Forward, Pod, ValidationError,
                     forward_id, parse_port)
+from ..state.pods import get_pod
 from ..state.services import reserve_ids
 from ..state.forwards import claim_key, delete_forward, list_forwards, parse_target
 from ..state.store import Store
@@ -42,10 +43,8 @@ def validate(store: Store, node_name: str, target: str, host_port, host_ip: str 
     if proto not in PROTOCOLS:
         raise ValidationError(f"unknown protocol {proto!r}: use tcp or udp")
     pod_name, pod_port = parse_target(target)
-    kv = store.get(PODS_PREFIX + pod_name)
-    if kv is None:
+    if get_pod(store, pod_name) is None:
         raise AtomnetError(f"pod {pod_name} does not exist")
-    Pod.from_json(kv.value)
     node = podlib.local_node(store, node_name)
     host_ip = host_ip or node.public_ip
     if host_ip not in hostports.node_addresses():

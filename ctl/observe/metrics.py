@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..errors import AtomnetError
+from ..state.validate import INVALID, KINDS
 
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 
@@ -59,6 +60,12 @@ class DataplaneCollector:
             held.add_metric([lease["subnet"]], 1 if lease["remaining"] else 0)
             ttl.add_metric([lease["subnet"]], lease["remaining"] or 0)
         yield from (ttl, held)
+
+        invalid = CounterMetricFamily("atomnet_invalid_records", "Store records skipped as invalid, by kind",
+                                      labels=["kind"])
+        for kind in KINDS:
+            invalid.add_metric([kind], INVALID.counts[kind])
+        yield invalid
 
 
 class Metrics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import structlog
 
+from . import validate
 from .model import FORWARDS_PREFIX, HOSTPORTS_PREFIX, Forward, ValidationError, parse_port
 from .store import Store
 
@@ -20,7 +21,7 @@ def parse_target(text: str) -> tuple[str, int]:
 
 def list_forwards(store: Store, node: str | None = None) -> list[Forward]:
     kvs, _ = store.list(FORWARDS_PREFIX)
-    out = [Forward.from_json(kv.value) for kv in kvs]
+    out = [f for f in (validate.screen("forward", kv.key, kv.value, validate.forward) for kv in kvs) if f is not None]
     return [f for f in out if node is None or f.node == node]
 
 
@@ -32,7 +33,11 @@ def delete_forward(store: Store, forward: str) -> Forward | None:
     kv = store.get(FORWARDS_PREFIX + forward)
     if kv is None:
         return None
-    fwd = Forward.from_json(kv.value)
+    fwd = validate.screen("forward", kv.key, kv.value, validate.forward)
+    if fwd is None:   # an invalid record was never programmed: removing its key is the whole fix
+        store.delete(kv.key)
+        log.info("forward_deleted", id=forward, invalid=True)
+        return None
     store.put_many([], deletes=[FORWARDS_PREFIX + fwd.id, claim_key(fwd.node, fwd.proto, fwd.host_port)])
     log.info("forward_deleted", id=fwd.id)
     return fwd

@@ -12,34 +12,32 @@ from dataclasses import replace
 
 import structlog
 
-from . import cluster
+from . import cluster, validate
 from ..errors import AtomnetError
 from .model import (NODEPORTS_PREFIX, PODS_PREFIX, SERVICE_PORT_ID_KEY, SERVICES_PREFIX, VIPS_PREFIX, Pod,
                     Service, ServicePort, ValidationError, parse_port_range, resolve_backends)
+from .pods import list_pods
 from .store import Store
 
 log = structlog.get_logger("atomnet.services")
 
 
 def list_services(store: Store) -> list[Service]:
+    """Every valid service; invalid ones are logged once and skipped (ctl/state/validate.py)."""
     kvs, _ = store.list(SERVICES_PREFIX)
-    out = []
-    for kv in kvs:
-        try:
-            out.append(Service.from_json(kv.value))
-        except ValidationError as exc:
-            log.warning("service_malformed", key=kv.key, error=str(exc))
-    return out
+    cfg = cluster.load_cluster_config(store)
+    return [s for s in (validate.screen("service", kv.key, kv.value, validate.service, cfg) for kv in kvs)
+            if s is not None]
 
 
 def get_service(store: Store, name: str) -> Service | None:
     kv = store.get(SERVICES_PREFIX + name)
-    return Service.from_json(kv.value) if kv else None
+    return validate.screen("service", kv.key, kv.value, validate.service,
+                           cluster.load_cluster_config(store)) if kv else None
 
 
 def pods_by_name(store: Store) -> dict[str, Pod]:
-    kvs, _ = store.list(PODS_PREFIX)
-    return {p.name: p for p in (Pod.from_json(kv.value) for kv in kvs)}
+    return {p.name: p for p in list_pods(store)}
 
 
 def service_cidr(store: Store) -> ipaddress.IPv4Network:
