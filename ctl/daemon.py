@@ -140,6 +140,8 @@ class Daemon:
                           netdevs=netdevs, debug_events=self.debug_events)
         for name in desired.missing_links:
             log.warning("pod_link_missing", pod=name)
+        for frontend, kept, refused in desired.conflicts:
+            log.warning("frontend_conflict", frontend=frontend, kept=kept, refused=refused)
         diffs = apply(self.loaded.maps, desired)
         attached = self.sync_attachments(desired.ingress, tc.INGRESS, force_attach)
         attached += self.sync_attachments(desired.egress, tc.EGRESS, force_attach)

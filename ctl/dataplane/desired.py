@@ -52,6 +52,7 @@ class Desired:
     ingress: dict[int, str] = field(default_factory=dict)          # ifindex -> program attached at tc ingress
     egress: dict[int, str] = field(default_factory=dict)           # ifindex -> program attached at tc egress
     missing_links: list[str] = field(default_factory=list)          # pods on this node whose veth is gone
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)   # (frontend, kept, refused)
 
 
 def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
@@ -79,8 +80,8 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
         out.ingress[overlay.ifindex] = "from_overlay"
         out.egress[overlay.ifindex] = "to_overlay"
         for lease in leases:
-            if lease.subnet == overlay.subnet or not lease.vtep_mac:
-                continue   # our own subnet is local; a lease without a VtepMAC cannot be reached
+            if lease.subnet == overlay.subnet or not lease.vtep_mac or lease.public_ip.startswith("127."):
+                continue   # our own subnet is local; a lease without a VtepMAC or on loopback cannot be reached
             subnet = ipaddress.IPv4Network(lease.subnet)
             out.maps["tunnels"][freeze({"prefixlen": subnet.prefixlen, "ip": str(subnet.network_address)})] = freeze(
                 {"node_ip": lease.public_ip, "vtep_mac": lease.vtep_mac.lower()})
@@ -108,6 +109,23 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
         addr = ipaddress.IPv4Address(ip)
         return any(addr in s for s in remote_subnets)
 
+    owners: dict[Frozen, str] = {}
+
+    def frontend(key: Frozen, value: Frozen, owner: str) -> None:
+        """Two frontends on one (address, port, protocol) (a NodePort and a host port, say,
+        written behind the CLI's back) would replace each other: the older one (lower id,
+        ids only grow) keeps it and the other is reported, never both programmed."""
+        old = out.maps["services"].get(key)
+        if old is not None and dict(old)["id"] != dict(value)["id"]:
+            keep_old = dict(old)["id"] < dict(value)["id"]
+            kept, refused = (owners[key], owner) if keep_old else (owner, owners[key])
+            d = dict(key)
+            out.conflicts.append((f"{d['vip']}:{d['port']}/{d['proto']}", kept, refused))
+            if keep_old:
+                return
+        out.maps["services"][key] = value
+        owners[key] = owner
+
     for svc in sorted(services, key=lambda s: s.name):
         for port in svc.ports:
             # A local backend is ready once its veth exists; a remote one while its node's
@@ -120,10 +138,11 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
                 out.maps["backends"][freeze({"service_id": port.id, "ip": ip, "port": bport})] = ()
             value = freeze({"id": port.id, "backend_count": len(spec.backends), "table_size": spec.table_size,
                             "affinity_timeout": svc.affinity_timeout, "digest": spec.digest})
-            out.maps["services"][freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]})] = value
+            frontend(freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]}), value,
+                     f"service:{svc.name}")
             if port.node_port and node_ip:   # NodePort: the same backends behind this node's address
-                out.maps["services"][freeze({"vip": node_ip, "port": port.node_port,
-                                             "proto": PROTOCOLS[port.proto]})] = value
+                frontend(freeze({"vip": node_ip, "port": port.node_port, "proto": PROTOCOLS[port.proto]}), value,
+                         f"service:{svc.name}")
 
     for fwd in sorted(forwards, key=lambda f: f.id):
         if fwd.node != node:
@@ -135,7 +154,7 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
         out.maglev[fwd.service_id] = spec
         for ip, bport in spec.backends:
             out.maps["backends"][freeze({"service_id": fwd.service_id, "ip": ip, "port": bport})] = ()
-        out.maps["services"][freeze({"vip": fwd.host_ip, "port": fwd.host_port, "proto": PROTOCOLS[fwd.proto]})] = \
-            freeze({"id": fwd.service_id, "backend_count": len(spec.backends), "table_size": spec.table_size,
-                    "affinity_timeout": 0, "digest": spec.digest})
+        frontend(freeze({"vip": fwd.host_ip, "port": fwd.host_port, "proto": PROTOCOLS[fwd.proto]}),
+                 freeze({"id": fwd.service_id, "backend_count": len(spec.backends), "table_size": spec.table_size,
+                         "affinity_timeout": 0, "digest": spec.digest}), f"forward:{fwd.id}")
     return out

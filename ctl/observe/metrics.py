@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..errors import AtomnetError
 from ..state.validate import INVALID, KINDS
 
+DEFAULT_METRICS_HOST = "127.0.0.1"
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 
 
@@ -80,7 +81,10 @@ class Metrics:
             raise AtomnetError(f"invalid metrics address {address!r}: use HOST:PORT, e.g. 127.0.0.1:9641")
         self.registry.register(DataplaneCollector(snapshot))
         try:
-            start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+            # No host means loopback: the endpoint is unauthenticated, so every address
+            # (0.0.0.0, or a node IP) has to be asked for by name.
+            self.server, _thread = start_http_server(int(port), addr=(host or DEFAULT_METRICS_HOST).strip("[]"),
+                                                     registry=self.registry)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AtomnetError(f"metrics address {address} is already in use") from None

@@ -197,7 +197,9 @@ def lease(key: str, text: str, network: NetworkConfig | None) -> Lease:
     if not isinstance(data, dict):
         raise ValidationError(f"{key}: BackendData is not an object")
     vtep = data.get("VtepMAC") or ""
-    return Lease(subnet=str(subnet), public_ip=unicast_ip(doc.get("PublicIP"), "PublicIP"),
+    # loopback: the lease of a node with no uplink (ctl/node/netplumb.py NO_UPLINK); it is
+    # this node's own to find again, and unreachable for others (desired.py skips it)
+    return Lease(subnet=str(subnet), public_ip=unicast_ip(doc.get("PublicIP"), "PublicIP", loopback=True),
                  vni=_int(data.get("VNI", network.vni), "VNI", 0, _VNI_MAX),
                  vtep_mac=unicast_mac(vtep, "VtepMAC") if vtep else "")
 
@@ -209,7 +211,10 @@ def node(key: str, text: str) -> Node:
     if not _IFNAME_RE.match(_str(n.uplink, "uplink")):
         raise ValidationError(f"{key}: uplink {n.uplink!r} is not an interface name")
     _int(n.mtu, "MTU", 68 + 50, 65535)
-    ipaddress.IPv4Network(_str(n.subnet, "subnet"))
+    try:
+        ipaddress.IPv4Network(_str(n.subnet, "subnet"))
+    except ValueError:
+        raise ValidationError(f"{key}: subnet {n.subnet!r} is not an IPv4 network") from None
     unicast_mac(n.vtep_mac, "VtepMAC")
     return n
 

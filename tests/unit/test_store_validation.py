@@ -88,6 +88,13 @@ def test_hostile_leases_are_refused(key, doc):
         validate.lease(key, json.dumps(doc), NET)
 
 
+def test_a_lease_on_loopback_is_valid_but_never_a_tunnel():
+    """The lease of a node with no uplink: its own to take back after a restart, nobody's route."""
+    key, doc = GOOD["lease"]
+    lease = validate.lease(key, json.dumps({**doc, "PublicIP": "127.0.0.1"}), NET)
+    assert desired_from(leases=[lease]).maps["tunnels"] == {}
+
+
 def test_good_records_pass_and_are_map_safe():
     records = {kind: CHECKS[kind](key, json.dumps(doc)) for kind, (key, doc) in GOOD.items()}
     d = desired_from([records["pod"]], [records["service"]], [records["forward"]], [records["lease"]])
