@@ -35,18 +35,24 @@ def served(rig, node):
     return svc, client, backends
 
 
+RESTARTS, MIN_CONNECTIONS = 10, 50_000   # issue 16: 10 SIGKILLs in a row under 50 000 new connections
+
+
 def test_sigkill_and_restart_under_load_fails_no_request(rig, node, served):
     svc, client, _ = served
-    load = http_load(client["name"], svc["vip"], 80, seconds=12, max_requests=10**7)
-    for _ in range(2):
-        time.sleep(3)
+    stop = rig.tmp / "load.stop"
+    load = rig.spawn(http_load(client["name"], svc["vip"], 80, seconds=600, max_requests=10**8,
+                               stop_file=stop, min_requests=MIN_CONNECTIONS))
+    for i in range(RESTARTS):   # back to back, no sleeps: start_daemon waits for dataplane_ready
+        assert load.poll() is None, f"the load ended before restart {i + 1}"
         node.stop_daemon(signal.SIGKILL)
         node.start_daemon()
-    out, err = load.communicate(timeout=60)
+    stop.touch()
+    out, err = load.communicate(timeout=600)
     result = json.loads(out)
-    assert result["ok"] > 500
+    assert result["ok"] >= MIN_CONNECTIONS
     assert result["failed"] == 0, result["errors"]
-    print(f"restart under load: {result['ok']} requests, {result['failed']} failed")
+    print(f"restart under load: {RESTARTS} SIGKILLs, {result['ok']} connections, {result['failed']} failed")
 
 
 def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node, served, tmp_path):
