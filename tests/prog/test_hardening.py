@@ -10,7 +10,7 @@ from scapy.packet import Raw
 from ctl.dataplane.bpf.types import CounterId
 from tests.prog.conftest import TC_ACT_OK, TC_ACT_REDIRECT, program_service
 from tests.prog.test_forwards import CLIENT, NODE_IP, UPLINK
-from tests.prog.test_services import A, B, C, VIP, send, setup
+from tests.prog.test_services import A, B, C, D, VIP, send, setup
 
 
 def test_icmp_error_about_a_service_flow_is_translated_only_from_its_backend(harness):
@@ -87,3 +87,64 @@ def test_the_nodes_own_connection_to_a_loopback_port_is_snated(harness):
     rc, out = harness.run("from_pod", reply, ingress_ifindex=B["ifindex"])
     rep = Ether(out)
     assert (rep[IP].src, rep[TCP].sport, rep[IP].dst, rep[TCP].dport) == ("127.0.0.1", 8080, "127.0.0.1", 50500)
+
+
+# ------------------------------------------------------------------ claims the README makes, now tested
+
+def test_udp_flows_of_a_removed_backend_are_flushed_and_rebalanced(harness):
+    """kube-proxy's `conntrack -D`: a UDP flow pinned to a backend that left the service
+    would keep going to it; the daemon's flush (reconcile.flush_udp_flows) frees it."""
+    from ctl.dataplane.reconcile import flush_udp_flows
+    from scapy.layers.inet import TCP
+    setup(harness)
+    program_service(harness, VIP, 53, "udp", [(B["ip"], 5353)])
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)], sid=2)
+    dgram = IP(src=A["ip"], dst=VIP) / UDP(sport=30020, dport=53) / Raw(b"q")
+    assert send(harness, A, dgram)[1][IP].dst == B["ip"]
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=30021, dport=80, flags="S"))
+    program_service(harness, VIP, 53, "udp", [(C["ip"], 5353)])   # B left the service
+    assert send(harness, A, dgram)[1][IP].dst == B["ip"], "without the flush the flow stays pinned to B"
+    flushed = flush_udp_flows(harness.maps["conntrack"], [{"service_id": 1, "ip": B["ip"], "port": 5353}])
+    assert flushed == 2, "its forward and reply entries"
+    assert send(harness, A, dgram)[1][IP].dst == C["ip"], "the next datagram picks a live backend"
+    tcp = [k for k, _ in harness.maps["conntrack"].items() if k.proto == 6]
+    assert len(tcp) == 2, "TCP flows are never flushed (they finish on the terminating pod)"
+
+
+def test_affinity_times_out_and_falls_back_to_maglev(harness):
+    import time
+    from ctl.dataplane.bpf.types import AffinityKey, AffinityValue, BackendKey
+    from scapy.layers.inet import TCP
+    setup(harness)
+    backends = [(B["ip"], 80), (C["ip"], 80), (D["ip"], 80)]
+    program_service(harness, VIP, 80, "tcp", backends, affinity=600)
+    affinity = harness.maps["affinity"]
+    key = AffinityKey.from_dict({"client": A["ip"], "service_id": 1})
+
+    def connect(sport):   # a SYN, then an RST so the tuple can be reopened (balanced afresh)
+        rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=sport, dport=80, flags="S"))
+        send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=sport, dport=80, flags="R"))
+        return pkt[IP].dst
+
+    pinned = connect(31000)
+    # A source port whose Maglev pick is another backend (affinity cleared before each try).
+    for sport in range(31001, 31100):
+        affinity.delete(key)
+        if (maglev_pick := connect(sport)) != pinned:
+            break
+    else:
+        raise AssertionError("every port hashed to one backend")
+
+    def pin(age_s: float):
+        value = AffinityValue.from_dict({"last_used_ns": time.monotonic_ns() - int(age_s * 1e9),
+                                         "backend": {"ip": pinned, "port": 80}})
+        affinity.put(key, value)
+
+    pin(1)
+    assert connect(sport) == pinned, "within the timeout the client's backend wins over Maglev"
+    pin(601)
+    assert connect(sport) == maglev_pick, "after the timeout: Maglev again"
+    assert affinity.get(key).backend.to_dict()["ip"] == maglev_pick, "and the affinity follows the new pick"
+    pin(1)
+    harness.maps["backends"].delete(BackendKey.from_dict({"service_id": 1, "ip": pinned, "port": 80}))
+    assert connect(sport) == maglev_pick, "a pinned backend that left the service is not used"
