@@ -30,7 +30,8 @@ def main() -> None:
     host, port, seconds, max_requests = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
     # Optional: run until STOP_FILE exists and at least MIN_REQUESTS were made (the test
     # says when it is done, instead of guessing a duration).
-    stop_file, min_requests = (sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 6 else (None, 0)
+    stop_file, min_requests = (sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 6 and sys.argv[5] else (None, 0)
+    timeout = float(sys.argv[7]) if len(sys.argv) > 7 else 2.0   # per request
     by_body, errors = collections.Counter(), collections.Counter()
     deadline = time.monotonic() + seconds
     n = 0
@@ -39,7 +40,7 @@ def main() -> None:
             break
         n += 1
         try:
-            by_body[one(host, port, 2.0)] += 1
+            by_body[one(host, port, timeout)] += 1
         except Exception as exc:  # counted, reported: the test decides
             errors[f"{type(exc).__name__}: {exc}"] += 1
     print(json.dumps({"ok": sum(by_body.values()), "failed": sum(errors.values()),
