@@ -24,8 +24,14 @@ int to_overlay(struct __sk_buff *skb)
 
 	if (bpf_skb_get_tunnel_key(skb, &existing, sizeof(existing), 0) == 0 && existing.remote_ipv4)
 		return TC_ACT_OK;	/* from_pod set it */
-	if (parse(skb, &h) != PARSE_IPV4)
-		return TC_ACT_SHOT;	/* nothing else belongs on the overlay */
+	switch (parse(skb, &h)) {
+	case PARSE_IPV4:
+		break;
+	case PARSE_MALFORMED:
+		return drop(skb, CTR_DROP_MALFORMED);
+	default:
+		return drop(skb, CTR_DROP_UNSUPPORTED_L3);	/* nothing else belongs on the overlay */
+	}
 	cfg = load_config();
 	t = tunnel_for(h.ip->daddr);
 	if (!cfg || !t)

@@ -65,7 +65,8 @@ def build_parser() -> Parser:
     d = verb(verbs, "daemon", "run the node's controller (root)", _daemon)
     d.add_argument("--uplink", help="the node's uplink interface")
     d.add_argument("--public-ip", help="this node's address on the underlay")
-    d.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
+    d.add_argument("--metrics", help="serve Prometheus metrics on [HOST]:PORT, unauthenticated; no HOST means "
+                   "127.0.0.1 (give 0.0.0.0 or an address to expose it)")
     d.add_argument("--log-format", choices=["json", "console"], default="json")
     d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     d.add_argument("--debug-events", action="store_true",
@@ -435,7 +436,10 @@ def _apply(args) -> None:
     with _store(args) as store:
         # Everything is validated before anything is written. --prune applies to the kinds
         # the file lists. Forwards are checked against this node's kernel: this node's only.
-        plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune) if forwards else None
+        node_ports = {(str(p.get("proto", "tcp")).lower(), p["node_port"]) for d in services
+                      for p in d.get("ports") or () if isinstance(p, dict) and p.get("node_port")}
+        plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune,
+                                 node_ports=node_ports) if forwards else None
         result = svclib.apply(store, services, prune=args.prune) if services else {}
         if plan:
             result["forwards"] = fwdlib.apply_plan(store, plan)

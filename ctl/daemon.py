@@ -47,6 +47,7 @@ from .dataplane.reconcile import Reconciler
 from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
                           SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError,
                           parse_port_range)
+from .state import validate
 from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
@@ -116,25 +117,36 @@ class Daemon:
                 except (ValidationError, ValueError, TypeError, KeyError) as exc:
                     log.warning("store_value_malformed", key=key, error=str(exc))
 
+    # Store records are untrusted (any node can write any key): each is checked before it can
+    # reach the model (ctl/state/validate.py); an invalid one counts as absent, logged once.
     def _on_pod(self, key: str, value: str | None) -> None:
         name = key[len(PODS_PREFIX):]
-        self.model.set_pod(name, Pod.from_json(value) if value is not None else None)
+        pod = validate.screen("pod", key, value, validate.pod, self.network) if value is not None else None
+        self.model.set_pod(name, pod)
 
     def _on_service(self, key: str, value: str | None) -> None:
         name = key[len(SERVICES_PREFIX):]
-        self.model.set_service(name, Service.from_json(value) if value is not None else None)
+        svc = validate.screen("service", key, value, validate.service, self.model.cluster) if value is not None else None
+        self.model.set_service(name, svc)
 
     def _on_forward(self, key: str, value: str | None) -> None:
         fid = key[len(FORWARDS_PREFIX):]
-        self.model.set_forward(fid, Forward.from_json(value) if value is not None else None)
+        self.model.set_forward(fid, validate.screen("forward", key, value, validate.forward)
+                               if value is not None else None)
 
     def _on_lease(self, key: str, value: str | None) -> None:
-        lease = Lease.from_kv(key, value) if value is not None else None
         from .state.model import subnet_from_key
-        self.model.set_lease(str(subnet_from_key(key)), lease)
+        try:
+            subnet = str(subnet_from_key(key))
+        except (ValueError, ValidationError) as exc:
+            validate.INVALID.reject("lease", key, value or "", ValidationError(f"{key}: {exc}"))
+            return
+        lease = validate.screen("lease", key, value, validate.lease, self.network) if value is not None else None
+        self.model.set_lease(subnet, lease)
 
     def _on_cluster_config(self, key: str, value: str | None) -> None:
-        cluster = ClusterConfig.from_json(value) if value is not None else ClusterConfig()
+        cluster = (validate.config("config", key, value, validate.cluster_config, default=self.model.cluster)
+                   if value is not None else ClusterConfig())
         self.model.set_node(cluster=cluster, snat_ports=self.snat_ports(cluster))
 
     def load_all(self) -> None:
@@ -250,6 +262,11 @@ class Daemon:
             wanted_eg = {k: v for k, v in changes.pop(EGRESS, {}).items() if v is not None}
         if not any(changes.values()) and not wanted_in and not wanted_eg:
             return
+        conflicts = self.model.conflicts()
+        if conflicts != getattr(self, "_conflicts", []):
+            for frontend, kept, refused in conflicts:
+                log.warning("frontend_conflict", frontend=frontend, kept=kept, refused=refused)
+            self._conflicts = conflicts
         res = self.reconciler.apply(changes)
         attached = self.sync_attachments(wanted_in, tc.INGRESS, force_attach)
         attached += self.sync_attachments(wanted_eg, tc.EGRESS, force_attach)

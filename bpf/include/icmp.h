@@ -18,6 +18,12 @@ static __always_inline int icmp_is_error(__u8 type)
 	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
 }
 
+/* The error's sender is the destination of the packet it quotes: the backend. */
+static __always_inline int icmp_from_backend(const struct flow *f, const struct iphdr *inner)
+{
+	return f->saddr == inner->daddr;
+}
+
 static __always_inline int rewrite_inner_addr(struct __sk_buff *skb, __u32 inner_off, __u32 field_off,
 					      __be32 from, __be32 to)
 {
@@ -51,6 +57,11 @@ static __always_inline enum lb_result lb_icmp_error(struct __sk_buff *skb, struc
 	rk.dir = CT_REPLY;
 	ct = bpf_map_lookup_elem(&conntrack, &rk);
 	if (!ct)
+		return LB_PASS;
+	/* Only the flow's backend may speak for it: an error about client -> backend from
+	 * anyone else (another pod injecting frag-needed into someone's service flow) is
+	 * left untranslated, so it never reaches the client's socket for the VIP. */
+	if (!icmp_from_backend(f, &inner))
 		return LB_PASS;
 	vip = ct->nat_ip;
 	vport = ct->nat_port;

@@ -126,6 +126,13 @@ static __always_inline int is_local_pod(__be32 ip)
 	return bpf_map_lookup_elem(&endpoints, &k) != NULL;
 }
 
+/* 127.0.0.0/8: the node's own connection to a port published on loopback (Docker's
+ * -p 127.0.0.1:N:M, and every published port of a node with no uplink). */
+static __always_inline int is_loopback(__be32 addr)
+{
+	return (bpf_ntohl(addr) >> 24) == 127;
+}
+
 /* A packet to a service frontend: find or create its flow, then DNAT, and SNAT where the
  * reply would otherwise not come back through here: hairpin (a pod calling itself), and
  * (snat_remote != 0) traffic from outside the cluster to a backend on another node. */
@@ -157,8 +164,8 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 			return LB_REJECT;
 		if (be.ip == f->saddr)
 			snat = HAIRPIN_IP_BE;
-		else if (snat_remote && !is_local_pod(be.ip))
-			snat = snat_remote;
+		else if (snat_remote && (!is_local_pod(be.ip) || is_loopback(f->saddr)))
+			snat = snat_remote;	/* a pod cannot answer 127.x: the node's own, via lo */
 		fwd.created_ns = fwd.last_seen_ns = now;
 		fwd.nat_ip = be.ip;
 		fwd.nat_port = be.port;

@@ -124,6 +124,19 @@ static __always_inline int lb_verdict(struct __sk_buff *skb, const struct flow *
 	}
 }
 
+/* A TCP/UDP packet from_netdev may translate: one with its ports, or a later fragment
+ * that borrowed its first fragment's ports (flow_parse), so it follows the first one to
+ * the same pod, as in from_pod. A later fragment whose first one was not seen goes to
+ * the stack: the address is the node's own, the port unknown. */
+static __always_inline int netdev_flow(struct __sk_buff *skb, struct headers *h, struct flow *f)
+{
+	if (flow_parse(skb, h, f) != FLOW_OK)
+		return 0;
+	if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+		return 0;
+	return f->has_l4 || f->fragment;
+}
+
 /* from_netdev's path: traffic from outside (or, on lo, from the node itself) to a
  * published port or NodePort; everything else is the node's own business. */
 static __always_inline int route_from_netdev(struct __sk_buff *skb, struct headers *h)
@@ -134,8 +147,7 @@ static __always_inline int route_from_netdev(struct __sk_buff *skb, struct heade
 	struct config *cfg;
 	enum lb_result r;
 
-	if (flow_parse(skb, h, &f) != FLOW_OK || !f.has_l4 ||
-	    (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP))
+	if (!netdev_flow(skb, h, &f))
 		return TC_ACT_OK;
 	sk.vip = f.daddr;
 	sk.port = f.dport;

@@ -52,6 +52,7 @@ class Desired:
     ingress: dict[int, str] = field(default_factory=dict)          # ifindex -> program attached at tc ingress
     egress: dict[int, str] = field(default_factory=dict)           # ifindex -> program attached at tc egress
     missing_links: list[str] = field(default_factory=list)          # pods on this node whose veth is gone
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)   # (frontend, kept, refused)
 
 
 def maglev_spec(backends: list[tuple[str, int]], table_size_for) -> MaglevSpec:
@@ -103,8 +104,8 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
         out.ingress[overlay.ifindex] = "from_overlay"
         out.egress[overlay.ifindex] = "to_overlay"
         for lease in leases:
-            if lease.subnet == overlay.subnet or not lease.vtep_mac:
-                continue   # our own subnet is local; a lease without a VtepMAC cannot be reached
+            if lease.subnet == overlay.subnet or not lease.vtep_mac or lease.public_ip.startswith("127."):
+                continue   # our own subnet is local; a lease without a VtepMAC or on loopback cannot be reached
             subnet = ipaddress.IPv4Network(lease.subnet)
             out.maps["tunnels"][freeze({"prefixlen": subnet.prefixlen, "ip": str(subnet.network_address)})] = freeze(
                 {"node_ip": lease.public_ip, "vtep_mac": lease.vtep_mac.lower()})
@@ -132,6 +133,23 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
         addr = ipaddress.IPv4Address(ip)
         return any(addr in s for s in remote_subnets)
 
+    owners: dict[Frozen, str] = {}
+
+    def frontend(key: Frozen, value: Frozen, owner: str) -> None:
+        """Two frontends on one (address, port, protocol) (a NodePort and a host port, say,
+        written behind the CLI's back) would replace each other: the older one (lower id,
+        ids only grow) keeps it and the other is reported, never both programmed."""
+        old = out.maps["services"].get(key)
+        if old is not None and dict(old)["id"] != dict(value)["id"]:
+            keep_old = dict(old)["id"] < dict(value)["id"]
+            kept, refused = (owners[key], owner) if keep_old else (owner, owners[key])
+            d = dict(key)
+            out.conflicts.append((f"{d['vip']}:{d['port']}/{d['proto']}", kept, refused))
+            if keep_old:
+                return
+        out.maps["services"][key] = value
+        owners[key] = owner
+
     for svc in sorted(services, key=lambda s: s.name):
         for port in svc.ports:
             # A local backend is ready once its veth exists; a remote one while its node's
@@ -144,10 +162,11 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
                 out.maps["backends"][freeze({"service_id": port.id, "ip": ip, "port": bport})] = ()
             value = freeze({"id": port.id, "backend_count": len(spec.backends), "table_size": spec.table_size,
                             "affinity_timeout": svc.affinity_timeout, "digest": spec.digest})
-            out.maps["services"][freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]})] = value
+            frontend(freeze({"vip": svc.vip, "port": port.port, "proto": PROTOCOLS[port.proto]}), value,
+                     f"service:{svc.name}")
             if port.node_port and node_ip:   # NodePort: the same backends behind this node's address
-                out.maps["services"][freeze({"vip": node_ip, "port": port.node_port,
-                                             "proto": PROTOCOLS[port.proto]})] = value
+                frontend(freeze({"vip": node_ip, "port": port.node_port, "proto": PROTOCOLS[port.proto]}), value,
+                         f"service:{svc.name}")
 
     for fwd in sorted(forwards, key=lambda f: f.id):
         if fwd.node != node:
@@ -159,9 +178,9 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
         out.maglev[fwd.service_id] = spec
         for ip, bport in spec.backends:
             out.maps["backends"][freeze({"service_id": fwd.service_id, "ip": ip, "port": bport})] = ()
-        out.maps["services"][freeze({"vip": fwd.host_ip, "port": fwd.host_port, "proto": PROTOCOLS[fwd.proto]})] = \
-            freeze({"id": fwd.service_id, "backend_count": len(spec.backends), "table_size": spec.table_size,
-                    "affinity_timeout": 0, "digest": spec.digest})
+        frontend(freeze({"vip": fwd.host_ip, "port": fwd.host_port, "proto": PROTOCOLS[fwd.proto]}),
+                 freeze({"id": fwd.service_id, "backend_count": len(spec.backends), "table_size": spec.table_size,
+                         "affinity_timeout": 0, "digest": spec.digest}), f"forward:{fwd.id}")
     return out
 
 
@@ -389,23 +408,44 @@ class Model:
         self.dirty.update(("svc", s) for s in self.svc_by_pod.get(name, ()))
         self.dirty.update(("fwd", f) for f in self.fwd_by_pod.get(name, ()))
 
+    @staticmethod
+    def _rank(source: tuple[str, str], name: str, value) -> tuple:
+        """Where two sources give the same key, the higher rank wins, as compute() decides: the
+        later one in its write order; for a contested frontend (a NodePort and a host port on
+        one address, port and protocol) the older one, lower id (ids only grow)."""
+        base = (_RANK[source[0]], source[1])
+        return (-dict(value)["id"], *base) if name == "services" else base
+
     def _replace(self, source: tuple[str, str], new: dict) -> None:
-        """Diffs a source's new contribution against its previous one. Where two sources give
-        the same key, the later one in compute()'s write order wins (as there)."""
-        old = self.contrib.pop(source, None)
-        rank = (_RANK[source[0]], source[1])
-        by_map: dict[str, list] = {}
+        """Diffs a source's new contribution against its previous one."""
+        old = self.contrib.pop(source, None) or {}
+        now: dict[str, dict] = {}
         for (name, key), value in new.items():
-            by_map.setdefault(name, []).append(key)
+            rank = self._rank(source, name, value)
+            before = old.get(name, {}).get(key)
+            if before is not None and before != rank:
+                self._withdraw(name, key, before)
             self._offer(name, key, rank, value)
-        if old:
-            for name, keys in old.items():
-                still = set(by_map.get(name, ()))
-                for key in keys:
-                    if key not in still:
-                        self._withdraw(name, key, rank)
-        if by_map:
-            self.contrib[source] = {name: tuple(keys) for name, keys in by_map.items()}
+            now.setdefault(name, {})[key] = rank
+        for name, keys in old.items():
+            for key, rank in keys.items():
+                if key not in now.get(name, {}):
+                    self._withdraw(name, key, rank)
+        if now:
+            self.contrib[source] = now
+
+    def conflicts(self) -> list[tuple[str, str, str]]:
+        """(frontend, kept, refused) for every contested frontend, as compute() reports them."""
+        label = {_RANK["svc"]: "service", _RANK["fwd"]: "forward"}
+        out = []
+        for (name, key), losers in self.others.items():
+            if name != "services":
+                continue
+            d, kept = dict(key), self.owner[name][key]
+            for rank in sorted(losers):
+                out.append((f"{d['vip']}:{d['port']}/{d['proto']}", f"{label[kept[1]]}:{kept[2]}",
+                            f"{label[rank[1]]}:{rank[2]}"))
+        return sorted(out)
 
     def _offer(self, name: str, key, rank: tuple, value) -> None:
         owner, values = self.owner[name], self.values[name]
@@ -495,8 +535,9 @@ class Model:
             nets.discard(int(net.network_address))
             if not nets:
                 del self.remote[net.prefixlen]
-        if lease is None or self.overlay is None or lease.subnet == self.overlay.subnet or not lease.vtep_mac:
-            return {}   # our own subnet is local; a lease without a VtepMAC cannot be reached
+        if (lease is None or self.overlay is None or lease.subnet == self.overlay.subnet or not lease.vtep_mac
+                or lease.public_ip.startswith("127.")):
+            return {}   # our own subnet is local; a lease without a VtepMAC or on loopback cannot be reached
         self.remote.setdefault(net.prefixlen, set()).add(int(net.network_address))
         return {("tunnels", freeze({"prefixlen": net.prefixlen, "ip": str(net.network_address)})): freeze(
             {"node_ip": lease.public_ip, "vtep_mac": lease.vtep_mac.lower()})}

@@ -12,8 +12,10 @@ from . import hostports, pods as podlib
 from ..errors import AtomnetError
 from ..state.model import (FORWARDS_PREFIX, HOSTPORTS_PREFIX, PODS_PREFIX, PROTOCOLS, Forward, Pod, ValidationError,
                     forward_id, parse_port)
+from ..state.pods import get_pod
 from ..state.services import reserve_ids
-from ..state.forwards import claim_key, delete_forward, list_forwards, parse_target
+from ..state.forwards import (check_not_nodeport, claim_key, delete_forward, list_forwards, nodeport_owner,
+                              parse_target)
 from ..state.store import Store
 
 log = structlog.get_logger("atomnet.forwards")
@@ -30,7 +32,9 @@ def _pick_port(store: Store, node: str, proto: str, host_ip: str) -> int:
         if port in reserved or port in bound or port in taken:
             continue
         if store.create(claim_key(node, proto, port), forward_id(node, proto, port)):
-            return port
+            if nodeport_owner(store, proto, port) is None:
+                return port
+            store.delete(claim_key(node, proto, port))   # a NodePort (claimed meanwhile): next one
     raise AtomnetError(f"no free {proto} port left in the ephemeral range {lo}-{hi}")
 
 
@@ -42,10 +46,8 @@ def validate(store: Store, node_name: str, target: str, host_port, host_ip: str 
     if proto not in PROTOCOLS:
         raise ValidationError(f"unknown protocol {proto!r}: use tcp or udp")
     pod_name, pod_port = parse_target(target)
-    kv = store.get(PODS_PREFIX + pod_name)
-    if kv is None:
+    if get_pod(store, pod_name) is None:
         raise AtomnetError(f"pod {pod_name} does not exist")
-    Pod.from_json(kv.value)
     node = podlib.local_node(store, node_name)
     host_ip = host_ip or node.public_ip
     if host_ip not in hostports.node_addresses():
@@ -53,6 +55,7 @@ def validate(store: Store, node_name: str, target: str, host_port, host_ip: str 
     if host_port in (None, "auto"):
         return proto, pod_name, pod_port, host_ip, None
     port = parse_port(host_port, "host port")
+    check_not_nodeport(store, proto, port)
     if check_bound:
         bound, who = hostports.bound_by(proto, host_ip, port)
         if bound:
@@ -71,6 +74,7 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
             raise AtomnetError(f"host port {port}/{proto} is already forwarded on node {node_name} "
                                f"(forward {forward_id(node_name, proto, port)})")
     try:
+        check_not_nodeport(store, proto, port)   # again, after claiming: see ctl/state/forwards.py
         fwd = Forward(id=forward_id(node_name, proto, port), node=node_name, host_ip=host_ip, host_port=port,
                       proto=proto, pod=pod_name, port=pod_port, service_id=reserve_ids(store, 1)[0], owner=owner)
         if not store.create(FORWARDS_PREFIX + fwd.id, fwd.to_json()):
@@ -82,7 +86,8 @@ def add_forward(store: Store, node_name: str, target: str, host_port: str | None
     return fwd
 
 
-def plan_apply(store: Store, node_name: str, docs: list[dict], prune: bool = False):
+def plan_apply(store: Store, node_name: str, docs: list[dict], prune: bool = False,
+               node_ports: set[tuple[str, int]] = frozenset()):
     """The forwards of an `apply` file, for this node, all validated before anything is
     written: returns the plan that apply_plan() carries out. `prune` removes this node's
     forwards the file does not list; a listed forward equal to a stored one (same host
@@ -99,6 +104,9 @@ def plan_apply(store: Store, node_name: str, docs: list[dict], prune: bool = Fal
         same = existing.get(fid) if fid else None
         keep = same is not None and (same.pod, same.port) == (doc["pod"], int(doc["port"]))
         validate(store, node_name, target, host_port, doc.get("host_ip"), proto, check_bound=not keep)
+        if host_port not in (None, "auto") and (proto, int(host_port)) in node_ports:   # a NodePort of the same file
+            raise ValidationError(f"host port {host_port}/{proto} is a NodePort in the same file: "
+                                  "a port is a host port or a NodePort, not both")
         if fid and not keep and fid in existing:
             raise ValidationError(f"host port {host_port}/{proto} is already forwarded to another pod "
                                   f"(forward {fid}): delete it first")

@@ -55,9 +55,18 @@ def _addresses(conn) -> list[tuple[int, str]]:
             if a["scope"] == 0]
 
 
+# A host with no network at all (no default route, no global address), as Docker runs on:
+# a node of its own on lo. Its "public" address is loopback (published ports serve the node
+# itself) and its MTU a plain Ethernet one (lo's 65536 would give pods an MTU no real link
+# has, and a later uplink would shrink it under them).
+NO_UPLINK = Uplink(ifname="lo", ip="127.0.0.1", mtu=1500)
+
+
 def detect_uplink(public_ip: str | None = None, uplink: str | None = None) -> Uplink:
     """The node's uplink: named, or the one holding public_ip, or the default route's, or the
-    only interface with a global IPv4 address (not ours, not loopback)."""
+    first interface with a global IPv4 address (not ours, not loopback), or else lo (NO_UPLINK)."""
+    if uplink == NO_UPLINK.ifname and public_ip in (None, NO_UPLINK.ip):
+        return NO_UPLINK
     with ipr() as conn:
         links = {link["index"]: link for link in dump(lambda: list(conn.get_links()))}
         addrs = _addresses(conn)
@@ -76,10 +85,11 @@ def detect_uplink(public_ip: str | None = None, uplink: str | None = None) -> Up
                 index = route.get_attr("RTA_OIF")
                 break
             if index is None:
+                # not a pod's veth, not our overlay device (it holds the subnet's .0)
                 candidates = [i for i, _ in addrs
-                              if not links[i].get_attr("IFLA_IFNAME").startswith(HOST_IFNAME_PREFIX)]
+                              if not links[i].get_attr("IFLA_IFNAME").startswith((HOST_IFNAME_PREFIX, "atomnet."))]
                 if not candidates:
-                    raise AtomnetError("cannot find this node's uplink: pass --uplink IFACE or --public-ip IP")
+                    return NO_UPLINK
                 index = candidates[0]
         ip = public_ip or next((a for i, a in addrs if i == index), None)
         name = links[index].get_attr("IFLA_IFNAME")
@@ -292,6 +302,11 @@ NODE_SYSCTLS = {
     # "from the node's address"; the programs hand them to lo, which must accept a local
     # source there (nothing else arrives on lo from outside).
     "net/ipv4/conf/lo/accept_local": "1",
+    # ... and, for a port published on 127.0.0.1, a reply from and to 127.0.0.1: handed to
+    # lo by the program it carries no route, and the stack drops 127/8 as martian unless
+    # lo may route it. On lo only (kube-proxy's route_localnet=1 on every interface let
+    # other hosts reach localhost services, CVE-2020-8558); nothing reaches lo from outside.
+    "net/ipv4/conf/lo/route_localnet": "1",
 }
 
 

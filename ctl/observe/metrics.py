@@ -16,6 +16,9 @@ from ..dataplane.bpf import syscalls as sc
 from ..dataplane.bpf.maps import Map, possible_cpus
 from ..dataplane.bpf.types import BackendKey
 from ..errors import AtomnetError
+from ..state.validate import INVALID, KINDS
+
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
@@ -97,6 +100,12 @@ class DataplaneCollector:
             ttl.add_metric([lease["subnet"]], lease["remaining"] or 0)
         yield from (ttl, held)
 
+        invalid = CounterMetricFamily("atomnet_invalid_records", "Store records skipped as invalid, by kind",
+                                      labels=["kind"])
+        for kind in KINDS:
+            invalid.add_metric([kind], INVALID.counts[kind])
+        yield invalid
+
 
 class Metrics:
     def __init__(self):
@@ -113,7 +122,10 @@ class Metrics:
             raise AtomnetError(f"invalid metrics address {address!r}: use HOST:PORT, e.g. 127.0.0.1:9641")
         self.registry.register(DataplaneCollector(snapshot))
         try:
-            start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+            # No host means loopback: the endpoint is unauthenticated, so every address
+            # (0.0.0.0, or a node IP) has to be asked for by name.
+            self.server, _thread = start_http_server(int(port), addr=(host or DEFAULT_METRICS_HOST).strip("[]"),
+                                                     registry=self.registry)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AtomnetError(f"metrics address {address} is already in use") from None

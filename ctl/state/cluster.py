@@ -16,7 +16,7 @@ from ..errors import AtomnetError
 from .model import (ATOMNET_CONFIG_KEY, IPAM_PREFIX, NETWORK_CONFIG_KEY, NODES_PREFIX, SUBNETS_PREFIX,
                     VIPS_PREFIX, ClusterConfig, Lease, NetworkConfig, Node, ValidationError, parse_network,
                     pod_addresses, subnet_key)
-from . import names
+from . import names, validate
 from .store import Store
 
 log = structlog.get_logger("atomnet.cluster")
@@ -91,12 +91,13 @@ def load_network(store: Store) -> NetworkConfig:
     kv = store.get(NETWORK_CONFIG_KEY)
     if kv is None:
         raise AtomnetError("no network configured: run `atomnet network init --cidr 10.244.0.0/16` first")
-    return NetworkConfig.from_json(kv.value)
+    return validate.config("network", NETWORK_CONFIG_KEY, kv.value, validate.network_config)
 
 
 def load_cluster_config(store: Store) -> ClusterConfig:
     kv = store.get(ATOMNET_CONFIG_KEY)
-    return ClusterConfig.from_json(kv.value) if kv else ClusterConfig()
+    return validate.config("config", ATOMNET_CONFIG_KEY, kv.value, validate.cluster_config,
+                           default=ClusterConfig()) if kv else ClusterConfig()
 
 
 def dns_vip_of(cfg: ClusterConfig) -> str:
@@ -110,15 +111,20 @@ def resolver_config(store: Store) -> dict:
     return names.resolver_config(cfg.cluster_domain, dns_vip_of(cfg))
 
 
-def list_leases(store: Store) -> list[tuple[Lease, int]]:
-    """Every valid subnet lease with its store lease id; malformed ones are logged and skipped."""
+def list_leases(store: Store, network: NetworkConfig | None = None) -> list[tuple[Lease, int]]:
+    """Every valid subnet lease with its store lease id; invalid ones (malformed, or not a
+    node subnet of the cluster network) are logged once and skipped (ctl/state/validate.py)."""
+    if network is None:
+        try:
+            network = load_network(store)
+        except AtomnetError:
+            network = None   # no valid network config: no lease can be checked, none is used
     kvs, _ = store.list(SUBNETS_PREFIX)
     out = []
     for kv in kvs:
-        try:
-            out.append((Lease.from_kv(kv.key, kv.value), kv.lease))
-        except ValidationError as exc:
-            log.warning("lease_malformed", key=kv.key, error=str(exc))
+        lease = validate.screen("lease", kv.key, kv.value, validate.lease, network)
+        if lease is not None:
+            out.append((lease, kv.lease))
     return out
 
 
@@ -126,12 +132,13 @@ def acquire_subnet(store: Store, cfg: NetworkConfig, public_ip: str, vtep: str,
                    prefer: str | None = None, ttl: float = LEASE_TTL) -> tuple[Lease, int]:
     """flannel's algorithm: reuse the lease carrying our PublicIP, else our previous subnet if
     free, else a random free one, claimed with create-if-absent and retried on a lost race."""
-    for lease, _ in list_leases(store):
+    for lease, _ in list_leases(store, cfg):
         if lease.public_ip == public_ip:
             return _hold(store, Lease(lease.subnet, public_ip, cfg.vni, vtep), ttl)
     candidates = cfg.subnets()
     for _attempt in range(len(candidates) + 1):
-        taken = {lease.subnet for lease, _ in list_leases(store)}
+        # every stored key is taken, valid or not: its create-if-absent would fail anyway
+        taken = {kv.key[len(SUBNETS_PREFIX):].replace("-", "/") for kv in store.list(SUBNETS_PREFIX)[0]}
         free = [s for s in candidates if str(s) not in taken]
         if not free:
             raise AtomnetError(f"subnet space exhausted: every /{cfg.subnet_len} of {cfg.network} is leased")
@@ -154,7 +161,7 @@ def _hold(store: Store, lease: Lease, ttl: float) -> tuple[Lease, int]:
 
 def load_node(store: Store, name: str) -> Node | None:
     kv = store.get(NODES_PREFIX + name)
-    return Node.from_json(kv.value) if kv else None
+    return validate.screen("node", kv.key, kv.value, validate.node) if kv else None
 
 
 def save_node(store: Store, node: Node) -> None:

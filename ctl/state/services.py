@@ -12,34 +12,33 @@ from dataclasses import replace
 
 import structlog
 
-from . import cluster
+from . import cluster, validate
 from ..errors import AtomnetError
 from .model import (NODEPORTS_PREFIX, PODS_PREFIX, SERVICE_PORT_ID_KEY, SERVICES_PREFIX, VIPS_PREFIX, Pod,
                     Service, ServicePort, ValidationError, parse_port_range, resolve_backends)
+from .forwards import check_not_hostport, hostport_users
+from .pods import list_pods
 from .store import Store
 
 log = structlog.get_logger("atomnet.services")
 
 
 def list_services(store: Store) -> list[Service]:
+    """Every valid service; invalid ones are logged once and skipped (ctl/state/validate.py)."""
     kvs, _ = store.list(SERVICES_PREFIX)
-    out = []
-    for kv in kvs:
-        try:
-            out.append(Service.from_json(kv.value))
-        except ValidationError as exc:
-            log.warning("service_malformed", key=kv.key, error=str(exc))
-    return out
+    cfg = cluster.load_cluster_config(store)
+    return [s for s in (validate.screen("service", kv.key, kv.value, validate.service, cfg) for kv in kvs)
+            if s is not None]
 
 
 def get_service(store: Store, name: str) -> Service | None:
     kv = store.get(SERVICES_PREFIX + name)
-    return Service.from_json(kv.value) if kv else None
+    return validate.screen("service", kv.key, kv.value, validate.service,
+                           cluster.load_cluster_config(store)) if kv else None
 
 
 def pods_by_name(store: Store) -> dict[str, Pod]:
-    kvs, _ = store.list(PODS_PREFIX)
-    return {p.name: p for p in (Pod.from_json(kv.value) for kv in kvs)}
+    return {p.name: p for p in list_pods(store)}
 
 
 def service_cidr(store: Store) -> ipaddress.IPv4Network:
@@ -118,6 +117,11 @@ def claim_node_ports(store: Store, svc: Service, request: str | None) -> Service
                 p = replace(port, node_port=n)
                 if store.create(_nodeport_key(p), svc.name):
                     claimed.append(_nodeport_key(p))
+                    if hostport_users(store, p.proto, n):   # checked after claiming: ctl/state/forwards.py
+                        if request != "auto":
+                            check_not_hostport(store, p.proto, n, svc.name)
+                        store.delete(claimed.pop())
+                        continue
                     ports.append(p)
                     break
             else:
@@ -217,6 +221,34 @@ def _service_from_doc(doc: dict) -> Service:
     return Service.from_dict({**doc, "ports": [{k: v for k, v in p.items() if k != "id"} for p in doc.get("ports", [])]})
 
 
+def _plan_node_ports(store: Store, wanted: dict[str, Service], existing: dict[str, Service],
+                     pruned: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The NodePort claims an apply writes and releases: each node port of the file must be
+    in the range, unused by another service and not a host port (ctl/state/forwards.py)."""
+    lo, hi = parse_port_range(cluster.load_cluster_config(store).node_port_range)
+    writes, keep, seen = [], set(), {}
+    for svc in wanted.values():
+        for p in svc.ports:
+            if not p.node_port:
+                continue
+            key = _nodeport_key(p)
+            if not isinstance(p.node_port, int) or not lo <= p.node_port <= hi:
+                raise ValidationError(f"service {svc.name}: node port {p.node_port} is outside the NodePort "
+                                      f"range {lo}-{hi}")
+            owner = seen.get(key) or (kv.value if (kv := store.get(key)) else None)
+            if owner not in (None, svc.name):
+                raise ValidationError(f"service {svc.name}: node port {p.node_port}/{p.proto} is already used "
+                                      f"by service {owner}")
+            check_not_hostport(store, p.proto, p.node_port, svc.name)
+            seen[key] = svc.name
+            keep.add(key)
+            if owner is None:
+                writes.append((key, svc.name))
+    releases = [_nodeport_key(p) for name, svc in existing.items() if name in wanted or name in pruned
+                for p in svc.ports if p.node_port and _nodeport_key(p) not in keep]
+    return writes, releases
+
+
 def apply(store: Store, docs: list[dict], prune: bool = False) -> dict:
     """Validates every object, then writes all changes in one transaction (all or nothing).
     Returns counts: created, updated, unchanged, pruned."""
@@ -249,6 +281,8 @@ def apply(store: Store, docs: list[dict], prune: bool = False) -> dict:
                 raise ValidationError(f"service {svc.name}: VIP {svc.vip} is already used by service {owner}")
             claimed[svc.vip] = svc.name
 
+    node_port_writes, node_port_deletes = _plan_node_ports(store, wanted, existing, pruned)
+
     free = free_vips(cidr, set(vip_owner) | set(claimed))
     changes: list[tuple[str, str]] = []
     deletes: list[str] = []
@@ -280,6 +314,8 @@ def apply(store: Store, docs: list[dict], prune: bool = False) -> dict:
                 deletes.append(VIPS_PREFIX + prev.vip)
     for name in pruned:
         deletes += [SERVICES_PREFIX + name, VIPS_PREFIX + existing[name].vip]
+    changes += node_port_writes
+    deletes += node_port_deletes
     if changes or deletes:
         store.put_many(changes, deletes=deletes)
     log.info("applied", created=created, updated=updated, unchanged=unchanged, pruned=len(pruned))

@@ -3,6 +3,7 @@ closed with RST (SO_LINGER 0, netperf TCP_CRR style, so no TIME_WAIT piles up), 
 fixed time or request count. Prints one JSON object: ok, failed, by_body, errors."""
 import collections
 import json
+import os
 import socket
 import struct
 import sys
@@ -27,13 +28,19 @@ def one(host: str, port: int, timeout: float) -> str:
 
 def main() -> None:
     host, port, seconds, max_requests = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    # Optional: run until STOP_FILE exists and at least MIN_REQUESTS were made (the test
+    # says when it is done, instead of guessing a duration).
+    stop_file, min_requests = (sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 6 and sys.argv[5] else (None, 0)
+    timeout = float(sys.argv[7]) if len(sys.argv) > 7 else 2.0   # per request
     by_body, errors = collections.Counter(), collections.Counter()
     deadline = time.monotonic() + seconds
     n = 0
     while time.monotonic() < deadline and n < max_requests:
+        if stop_file and n >= min_requests and n % 100 == 0 and os.path.exists(stop_file):
+            break
         n += 1
         try:
-            by_body[one(host, port, 2.0)] += 1
+            by_body[one(host, port, timeout)] += 1
         except Exception as exc:  # counted, reported: the test decides
             errors[f"{type(exc).__name__}: {exc}"] += 1
     print(json.dumps({"ok": sum(by_body.values()), "failed": sum(errors.values()),

@@ -54,6 +54,10 @@ def udp_echo(rig: Rig, pod: str, port: int) -> subprocess.Popen:
     return proc
 
 
-def http_load(pod: str, host: str, port: int, seconds: float, max_requests: int = 100000) -> subprocess.Popen:
+def http_load(pod: str, host: str, port: int, seconds: float, max_requests: int = 100000,
+              stop_file: Path | None = None, min_requests: int = 0, timeout: float = 2.0) -> subprocess.Popen:
+    """seconds/max_requests bound the run; with stop_file it ends once that file exists and
+    at least min_requests were made; timeout is each request's."""
     script = Path(__file__).with_name("http_load.py")
-    return spawn_in_pod(pod, "/usr/bin/python3", str(script), host, str(port), str(seconds), str(max_requests))
+    until = [str(stop_file or ""), str(min_requests), str(timeout)]
+    return spawn_in_pod(pod, "/usr/bin/python3", str(script), host, str(port), str(seconds), str(max_requests), *until)

@@ -87,7 +87,7 @@ def test_network_init_is_idempotent_and_refuses_a_different_cidr(store):
 
 
 def test_malformed_leases_are_skipped_and_the_rest_kept(store):
-    cfg = NetworkConfig(network="10.244.0.0/16")
+    cfg, _ = cluster.init_network(store, "10.244.0.0/16", 24, "10.96.0.0/12")   # leases are checked against it
     good, _ = cluster.acquire_subnet(store, cfg, "192.168.100.1", "02:00:00:00:00:01")
     store.put("/coreos.com/network/subnets/10.244.77.0-24", "{not json")
     store.put("/coreos.com/network/subnets/10.244.78.0-24", '{"PublicIP": "not-an-ip"}')

@@ -106,6 +106,27 @@ def _prefix_clause(prefix: str) -> tuple[str, tuple[str, ...]]:
     return "key >= ? AND key < ?", (prefix, end)
 
 
+def _create_private(parent: str, path: str) -> None:
+    """The store holds every record of the cluster: a directory we create is 0700 and a
+    file we create 0600, whatever the umask (a mode argument is only masked by it, so
+    chmod after creating). sqlite gives its -wal and -shm files the database's mode.
+    What exists already keeps the mode its owner chose."""
+    if parent and not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o700)
+            os.chmod(parent, 0o700)
+        except FileExistsError:
+            pass   # made meanwhile by another process: its mode is its own
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class SqliteStore(Store):
     """The Store contract on a sqlite3 file; see the module docstring."""
 
@@ -133,9 +154,9 @@ class SqliteStore(Store):
         if os.path.exists(parent) and not os.path.isdir(parent):
             raise self._fail_open(f"{parent} is not a directory")
         try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            _create_private(parent, self.path)
         except OSError as e:
-            raise self._fail_open(f"cannot create directory {parent}: {e.strerror}") from e
+            raise self._fail_open(f"cannot create {e.filename or parent}: {e.strerror}") from e
         try:
             db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
