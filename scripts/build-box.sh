@@ -176,12 +176,14 @@ mountit -t proc proc "$MNT/proc"
 mountit -t sysfs sysfs "$MNT/sys"
 cp -a "$WORK/wheels" "$MNT/tmp/wheels"
 install -m 644 /dev/stdin "$MNT/tmp/requirements.txt" < <(printf '%s\n' "${PY_DEPS[@]}")
-vagrant_pub=$(find /usr/share/rubygems-integration /usr/lib/ruby /opt/vagrant -path '*/keys/vagrant.pub' 2>/dev/null | head -n1)
+vagrant_pub=$(find /usr/share/rubygems-integration /usr/lib/ruby /opt/vagrant -path '*/keys/vagrant.pub' \
+    2>/dev/null | head -n1) || true  # (find fails on the directories that do not exist)
 [ -n "$vagrant_pub" ] || die "Vagrant's insecure public key (keys/vagrant.pub) not found: apt-get install vagrant"
 install -m 644 "$vagrant_pub" "$MNT/tmp/vagrant.pub"
 
 chroot "$MNT" /bin/bash -euo pipefail -s "$uuid" "$LOOP" <<'CHROOT'
 uuid=$1 loop=$2
+trap 'echo "build-box: error: in the image, line $LINENO: $BASH_COMMAND failed" >&2' ERR
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 echo "UUID=$uuid / ext4 errors=remount-ro 0 1" >/etc/fstab
 echo atomnet-box >/etc/hostname

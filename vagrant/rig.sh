@@ -19,7 +19,8 @@
 # Environment (vagrant/Makefile sets these): RIG_STATE (directory for the PIDs and markers,
 # default vagrant/.host), RIG_POOL (storage pool name, default atomnet-rig), RIG_NODES
 # (number of nodes, default 2), RIG_NETWORK (first three octets, default 192.168.56);
-# RIG_KVM (the KVM device, default /dev/kvm: for tests).
+# RIG_KVM, RIG_SYS_MODULE (the KVM device and /sys/module: for tests); RIG_IGNORE_PVM=1
+# (start VMs even on PVM's KVM, whose guests need a PVM guest kernel: see preflight).
 # Exit status: 0 done, 1 failed (a line saying why), 2 usage error.
 set -euo pipefail
 
@@ -34,6 +35,7 @@ PREFIX=atomnet-                 # the Vagrantfile's libvirt default_prefix
 NETWORKS=(atomnet-rig atomnet-mgmt)
 URI=qemu:///system
 KVM=${RIG_KVM:-/dev/kvm}         # changed only by tests
+SYS_MODULE=${RIG_SYS_MODULE:-/sys/module}
 
 die() {
     echo "$PROG: error: $*" >&2
@@ -59,6 +61,14 @@ preflight() {
     [ -e "$KVM" ] ||
         die "no $KVM: enable KVM (BIOS virtualisation, modprobe kvm_intel or kvm_amd; in a VM, nested virtualisation)"
     { [ -r "$KVM" ] && [ -w "$KVM" ]; } || die "$KVM is not readable and writable by $(id -un)"
+    # KVM by PVM (Ant Group's Pagetable-based VM: nested virtualisation without VT-x/AMD-V,
+    # as on this project's build machines): a guest must run a PVM guest kernel
+    # (CONFIG_PVM_GUEST); Debian's kernels are not, and hang right after the boot loader.
+    if [ -d "$SYS_MODULE/kvm_pvm" ] && [ ! -d "$SYS_MODULE/kvm_intel" ] && [ ! -d "$SYS_MODULE/kvm_amd" ] &&
+        [ "${RIG_IGNORE_PVM:-0}" != 1 ]; then
+        die "$KVM is PVM (kvm_pvm, no kvm_intel/kvm_amd): its guests need a PVM guest kernel (CONFIG_PVM_GUEST," \
+            "github.com/virt-pvm/linux), Debian's cannot boot; use a host with VT-x/AMD-V KVM (RIG_IGNORE_PVM=1 tries anyway)"
+    fi
     avail=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
     [ "$avail" -ge "$need" ] ||
         die "not enough memory: the VMs need $need MiB, $avail MiB available (fewer nodes: NODES=1, or less MEMORY=...)"
@@ -95,6 +105,9 @@ libvirt_start() {
     until_ok 30 connects || die "libvirtd runs but $URI does not answer (see /var/log/libvirt/)"
 }
 
+# gone PID: the process exited (a zombie not yet reaped by its parent counts as gone).
+gone() { [ ! -e "/proc/$1" ] || [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ]; }
+
 libvirt_stop() {
     local name pid
     for name in libvirtd virtlogd; do
@@ -103,7 +116,7 @@ libvirt_stop() {
         # Only the process we started: same PID and still that program.
         if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
             kill -TERM "$pid"
-            until_ok 30 bash -c "! kill -0 $pid 2>/dev/null" || die "$name (pid $pid) did not stop on SIGTERM"
+            until_ok 30 gone "$pid" || die "$name (pid $pid) did not stop on SIGTERM"
             say "stopped $name (pid $pid)"
         fi
         rm -f "$STATE/started-$name"

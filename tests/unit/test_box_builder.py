@@ -84,16 +84,27 @@ def test_build_box_not_root_exits_1_before_creating_anything():
 
 # --- rig.sh -----------------------------------------------------------------------------
 
-def test_rig_preflight_passes_here_with_a_small_need():
+def test_rig_preflight_passes_here_with_a_small_need(tmp_path):
     if os.geteuid() != 0 or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("needs root and /dev/kvm")
-    assert run([RIG, "preflight", "1"]).returncode == 0
+    (tmp_path / "modules" / "kvm_intel").mkdir(parents=True)
+    res = run([RIG, "preflight", "1"], env={"RIG_SYS_MODULE": str(tmp_path / "modules")})
+    assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("case", ["not-root", "no-kvm", "memory"])
+@pytest.mark.parametrize("case", ["not-root", "no-kvm", "pvm", "memory"])
 def test_rig_preflight_says_what_is_missing_in_one_line(tmp_path, case):
-    cmd, env = [RIG, "preflight", "1"], {"RIG_STATE": str(tmp_path / "state"), "RIG_KVM": os.devnull}
-    if case == "not-root":
+    modules = tmp_path / "modules"
+    (modules / "kvm_intel").mkdir(parents=True)
+    cmd, env = [RIG, "preflight", "1"], {"RIG_STATE": str(tmp_path / "state"), "RIG_KVM": os.devnull,
+                                         "RIG_SYS_MODULE": str(modules)}
+    if case == "pvm":
+        if os.geteuid() != 0:
+            pytest.skip("the root check comes first")
+        (modules / "kvm_intel").rmdir()
+        (modules / "kvm_pvm").mkdir()
+        expect = "is PVM (kvm_pvm, no kvm_intel/kvm_amd): its guests need a PVM guest kernel"
+    elif case == "not-root":
         cmd = as_nobody(cmd)
         expect = "not root: run it as root"
     elif case == "no-kvm":
@@ -126,7 +137,7 @@ def test_make_check_refuses_too_many_nodes_for_the_memory_in_one_line():
     if not shutil.which("make"):
         pytest.skip("make not found")
     before = {p.name for p in (REPO / "vagrant").iterdir()}
-    res = run(["make", "-s", "-C", REPO / "vagrant", "check", "NODES=100000"])
+    res = run(["make", "-s", "-C", REPO / "vagrant", "check", "NODES=100000"], env={"RIG_IGNORE_PVM": "1"})
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("make")]
     assert len(lines) == 1 and "not enough memory" in lines[0], res.stderr
