@@ -97,9 +97,22 @@ start_daemon() {
     say "started $name (pid $pid)"
 }
 
+# QEMU runs as libvirt-qemu (group kvm); without udev nothing gives /dev/kvm the group and
+# mode Debian's udev rule does (kvm, 0660). Do that, and remember the old owner and mode so
+# libvirt-stop puts them back.
+kvm_access() {
+    [ -e "$KVM" ] && getent group kvm >/dev/null || return 0
+    [ "$(stat -c %G "$KVM")" != kvm ] || [ "$(( 0$(stat -c %a "$KVM") & 060 ))" != 48 ] || return 0
+    [ -f "$STATE/kvm-mode" ] || stat -c '%u:%g %a' "$KVM" >"$STATE/kvm-mode"
+    chgrp kvm "$KVM"
+    chmod 0660 "$KVM"
+    say "gave $KVM to group kvm, mode 0660 (what Debian's udev rule does) for QEMU as libvirt-qemu"
+}
+
 libvirt_start() {
     mkdir -p "$STATE"
     libvirt_check
+    kvm_access
     start_daemon virtlogd /run/virtlogd.pid
     start_daemon libvirtd /run/libvirtd.pid
     until_ok 30 connects || die "libvirtd runs but $URI does not answer (see /var/log/libvirt/)"
@@ -121,6 +134,11 @@ libvirt_stop() {
         fi
         rm -f "$STATE/started-$name"
     done
+    if [ -f "$STATE/kvm-mode" ]; then
+        read -r owner mode <"$STATE/kvm-mode"
+        chown "$owner" "$KVM" && chmod "$mode" "$KVM" && say "restored $KVM to $owner, mode $mode"
+        rm -f "$STATE/kvm-mode"
+    fi
 }
 
 pool_start() {
@@ -138,7 +156,7 @@ busy() { [ -n "$(rig_domains)" ]; }
 
 leftovers() {
     local d n v
-    connects || return 0
+    connects || { iptables_leftovers; return 0; }
     for d in $(rig_domains); do
         virsh destroy "$d" >/dev/null 2>&1 || true
         virsh undefine "$d" --remove-all-storage --nvram >/dev/null 2>&1 || virsh undefine "$d" >/dev/null
@@ -163,6 +181,27 @@ leftovers() {
     fi
     # What libvirt keeps of a gone domain or network: its logs and dnsmasq's files.
     rm -f /var/log/libvirt/qemu/"$PREFIX"*.log* /var/lib/libvirt/dnsmasq/atomnet-*
+    iptables_leftovers
+}
+
+# libvirt's first network leaves its iptables chains (LIBVIRT_INP, _FWX, ... and their
+# jumps from INPUT/FORWARD/OUTPUT/POSTROUTING) after the last one is gone. Removed when no
+# libvirt network is active and each chain is empty: libvirtd makes them again when needed.
+iptables_leftovers() {
+    local table chain active
+    command -v iptables >/dev/null || return 0
+    active=$(virsh net-list --name 2>/dev/null | sed '/^$/d') || true
+    [ -z "$active" ] || return 0
+    for table in filter nat mangle; do
+        for chain in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^LIBVIRT_/ {print $2}'); do
+            [ "$(iptables -t "$table" -S "$chain" | grep -vc '^-N')" = 0 ] || continue
+            while read -r rule; do
+                # shellcheck disable=SC2086 # the rule's words, as iptables -S printed them
+                iptables -t "$table" ${rule/#-A/-D}
+            done < <(iptables -t "$table" -S | grep -E -- "-j $chain\$")
+            iptables -t "$table" -X "$chain"
+        done
+    done
 }
 
 # --- smoke ----------------------------------------------------------------------------
