@@ -9,8 +9,9 @@
 #    others over ssh, with the key and ssh config the Vagrantfile installed) and starts a
 #    small HTTP server in each that answers with the pod's name;
 # 3. checks every pod pings and fetches from every other pod (pod -> pod across nodes);
-# 4. creates a service selecting all of them (backends on every node) and checks that each
-#    pod, through the VIP, is answered by every backend;
+# 4. creates a service selecting all of them (backends on every node), with a NodePort, and
+#    checks that each pod, through the VIP, is answered by every backend, and that the
+#    NodePort of every other node answers this node from every backend;
 # 5. publishes the last node's pod on a dynamically assigned host port and fetches it from
 #    this node and from the pod's own node;
 # 6. removes everything it created (also when a check failed or it was interrupted).
@@ -21,6 +22,9 @@
 # Options:  --nodes N   the number of nodes expected (default: the rig's node* lines in
 #                       /etc/hosts; 0: do not check)
 #           --keep      leave the pods, service and forward in place (prints how to remove them)
+#           --remove TAG  only remove what a --keep run with SMOKE_TAG=TAG left: its pods on
+#                       this node, forwards to pods gone, the service once no pod of TAG
+#                       is left (run it on every node)
 # Environment:
 #   ATOMNET_BIN    the atomnet command, split on blanks (default "atomnet"), on every node
 #   SMOKE_TAG      prefix of every name it creates (default: smk + 4 random hex digits)
@@ -36,6 +40,7 @@ TAG=${SMOKE_TAG:-smk$(printf '%04x' $((RANDOM % 65536)))}
 TIMEOUT=${SMOKE_TIMEOUT:-30}
 EXPECT=
 KEEP=0
+REMOVE=
 
 while [ $# -gt 0 ]; do
     case $1 in
@@ -44,6 +49,9 @@ while [ $# -gt 0 ]; do
             [[ ${2:-} =~ ^[0-9]+$ ]] || { echo "$PROG: error: --nodes needs a number (see --help)" >&2; exit 2; }
             EXPECT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
+        --remove)
+            [[ ${2:-} =~ ^[a-z0-9-]+$ ]] || { echo "$PROG: error: --remove needs a tag (see --help)" >&2; exit 2; }
+            REMOVE=$2; shift 2 ;;
         *) echo "$PROG: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -100,13 +108,14 @@ node_label() { # IP -> a readable name for messages
 # --- what was created, removed on exit ------------------------------------------------
 NODE_IPS=()                            # "" = this node, then the others' IPs
 POD_NAMES=() POD_IPS=() POD_HOSTS=()   # POD_HOSTS: the pod's node IP
-SERVICE=
+SERVICE='' NODE_PORT=''
 FORWARD_ID='' FORWARD_HOST=''
 cleanup() {
     local status=$? i
     trap - EXIT INT TERM
     if [ "$KEEP" = 1 ]; then
-        echo "kept: pods ${POD_NAMES[*]:-}, service ${SERVICE:-none}, forward ${FORWARD_ID:-none};" \
+        echo "kept: pods ${POD_NAMES[*]:-}, service ${SERVICE:-none} (NodePort ${NODE_PORT:-none})," \
+             "forward ${FORWARD_ID:-none};" \
              "remove them with: atomnet pod del NAME (on each pod's node), atomnet service del $TAG," \
              "atomnet forward del ID, and kill \$(ip netns pids POD)"
         exit "$status"
@@ -128,6 +137,30 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
+
+# --- --remove TAG: what a --keep run left --------------------------------------------
+if [ -n "$REMOVE" ]; then
+    trap - EXIT
+    [ "$(id -u)" = 0 ] || fail "run me as root (sudo): pods are network namespaces"
+    me=${ATOMNET_NODE:-$(hostname)}
+    for name in $(an "" pod list | json "[p['name'] for p in d if p['name'].startswith('$REMOVE-') and p['node'] == '$me']"); do
+        for p in $(ip netns pids "$name" 2>/dev/null); do kill "$p"; done
+        "${ATOMNET[@]}" pod del "$name" >/dev/null || fail "pod del $name failed"
+        echo "removed pod $name"
+    done
+    # Forwards to pods that are gone; the service once no pod of the tag is left anywhere.
+    left=$(an "" pod list | json "[p['name'] for p in d if p['name'].startswith('$REMOVE-')]")
+    left=${left//$'\n'/ }
+    for id in $(an "" forward list | json "[f['id'] for f in d if f['pod'].startswith('$REMOVE-') and f['pod'] not in '$left'.split()]"); do
+        "${ATOMNET[@]}" forward del "$id" >/dev/null || fail "forward del $id failed"
+        echo "removed forward $id"
+    done
+    if [ -z "$left" ] && an "" service list | json "'$REMOVE' in [s['name'] for s in d]" | grep -qx True; then
+        "${ATOMNET[@]}" service del "$REMOVE" >/dev/null || fail "service del $REMOVE failed"
+        echo "removed service $REMOVE"
+    fi
+    exit 0
+fi
 
 # --- 1. the nodes ---------------------------------------------------------------------
 [ "$(id -u)" = 0 ] || fail "run me as root (sudo): pods are network namespaces"
@@ -169,14 +202,14 @@ for i in "${!NODE_IPS[@]}"; do
     on "$host" sh -c 'ip netns exec "$1" setsid python3 -c "$2" "$1" "$3" </dev/null >/dev/null 2>&1 &' \
         sh "$name" "$SERVER" "$PORT" || fail "could not start the HTTP server in $name"
 done
-fetch() { # fetch HOST_IP POD_OR_EMPTY URL EXPECTED: curl URL (in the pod, or on the node) gives EXPECTED
-    local got
+fetch() { # fetch HOST_IP POD_OR_EMPTY URL EXPECTED [-any]: curl URL (in the pod, or on the node)
+    local got  # gives EXPECTED (with -any: any answer)
     if [ -n "$2" ]; then
         got=$(on "$1" ip netns exec "$2" curl -sS --max-time 3 "$3") || return 1
     else
         got=$(on "$1" curl -sS --max-time 3 "$3") || return 1
     fi
-    [ "$got" = "$4" ]
+    [ "${5:-}" = -any ] || [ "$got" = "$4" ]
 }
 has_endpoint() { an "$1" endpoint list | json "'$2' in [e['ip'] for e in d]" | grep -x True >/dev/null; }
 for i in "${!POD_NAMES[@]}"; do
@@ -205,9 +238,11 @@ else
 fi
 
 # --- 4. a service with a backend on every node ----------------------------------------
-svc=$(an "" service add "$TAG" --port "80:$PORT" --selector "app=$TAG") || fail "service add $TAG failed"
+svc=$(an "" service add "$TAG" --port "80:$PORT" --selector "app=$TAG" --node-port auto) ||
+    fail "service add $TAG failed"
 SERVICE=$TAG
 VIP=$(json 'd["vip"]' <<<"$svc")
+NODE_PORT=$(json 'd["ports"][0]["node_port"]' <<<"$svc")
 lb_ready() { # lb_ready HOST: the node programmed the VIP with every backend
     an "$1" lb list | json "[len(r['backends']) for r in d if r['vip'] == '$VIP' and r['port'] == 80]" |
         grep -x "${#POD_NAMES[@]}" >/dev/null
@@ -229,6 +264,30 @@ for i in "${!POD_NAMES[@]}"; do
     done
 done
 pass "service $TAG ($VIP:80): every pod is answered by all ${#POD_NAMES[@]} backends"
+
+# --- 4b. its NodePort on every other node, from this node (outside any pod) ------------
+# answered_all URL: fetching URL from this node, every backend answers (at most 60 tries).
+answered_all() {
+    local seen=" " body name
+    for _ in $(seq 60); do
+        body=$(curl -sS --max-time 3 "$1" 2>/dev/null) || continue
+        [[ $seen == *" $body "* ]] || seen="$seen$body "
+        [ "$(wc -w <<<"$seen")" -lt "${#POD_NAMES[@]}" ] || break
+    done
+    for name in "${POD_NAMES[@]}"; do
+        [[ $seen == *" $name "* ]] || { echo "$1: backend $name never answered (answered:$seen)" >&2; return 1; }
+    done
+}
+if [ "${#REMOTE[@]}" -gt 0 ]; then
+    for ip in "${REMOTE[@]}"; do
+        until_ok "$TIMEOUT" fetch "" "" "http://$ip:$NODE_PORT/" "" -any ||
+            fail "NodePort $NODE_PORT of service $TAG on node $ip does not answer this node"
+        answered_all "http://$ip:$NODE_PORT/" || fail "NodePort $NODE_PORT on node $ip: not every backend answers"
+    done
+    pass "service $TAG: NodePort $NODE_PORT on ${REMOTE[*]} answers this node from all ${#POD_NAMES[@]} backends"
+else
+    note "one node: no NodePort check from another node"
+fi
 
 # --- 5. a host port forward -----------------------------------------------------------
 last=$((${#POD_NAMES[@]} - 1))

@@ -77,7 +77,7 @@ def need(tool: str, why: str) -> str:
 
 def test_the_rig_scripts_are_found():
     found = set(shell_scripts())
-    assert {BOOTSTRAP, SMOKE} <= found, found
+    assert {BOOTSTRAP, SMOKE, REPO / "scripts" / "build-box.sh", REPO / "vagrant" / "rig.sh"} <= found, found
     assert set(vagrantfile_scripts()) == {"COMMON_SCRIPT", "ETCD_SCRIPT", "NODE_SCRIPT"}
 
 
@@ -132,8 +132,11 @@ def vagrant_validate(tmp_path: Path, provider: str, **settings: str) -> subproce
 
 @pytest.mark.parametrize("provider", ["virtualbox", "libvirt"])
 @pytest.mark.parametrize("settings", [{}, {"ATOMNET_NODES": "1", "ATOMNET_NETWORK": "10.123.45",
-                                           "ATOMNET_MEMORY": "4096", "ATOMNET_BOX": "debian/bookworm64"}],
-                         ids=["defaults", "settings"])
+                                           "ATOMNET_MEMORY": "4096", "ATOMNET_BOX": "debian/bookworm64"},
+                                      # what `make -C vagrant up` passes: the offline box, small VMs
+                                      {"ATOMNET_BOX": "atomnet/bookworm", "ATOMNET_NODES": "2", "ATOMNET_MEMORY": "1536",
+                                       "ATOMNET_CPUS": "1", "ATOMNET_LIBVIRT_POOL": "atomnet-rig"}],
+                         ids=["defaults", "settings", "offline"])
 def test_vagrant_validate(tmp_path, provider, settings):
     dotvagrant = VAGRANTFILE.parent / ".vagrant"
     existed = dotvagrant.exists()
@@ -151,7 +154,9 @@ def test_vagrant_validate(tmp_path, provider, settings):
 
 @pytest.mark.parametrize("var,value", [("ATOMNET_NODES", "three"), ("ATOMNET_NODES", "0"),
                                        ("ATOMNET_MEMORY", "lots"), ("ATOMNET_NETWORK", "192.168"),
-                                       ("ATOMNET_NETWORK", "192.168.300"), ("ATOMNET_CIDR", "10.244.0.0")])
+                                       ("ATOMNET_NETWORK", "192.168.300"), ("ATOMNET_CIDR", "10.244.0.0"),
+                                       ("ATOMNET_OFFLINE", "yes"), ("ATOMNET_LIBVIRT_POOL", "my pool"),
+                                       ("ATOMNET_MGMT_NETWORK", "192.168.121")])
 def test_vagrant_bad_settings_give_one_line(tmp_path, var, value):
     res = vagrant_validate(tmp_path, "virtualbox", **{var: value})
     assert res.returncode != 0
