@@ -183,6 +183,14 @@ def direct(rig, tmp_path):
     return node, CniNode(node, tmp_path)
 
 
+def wait_endpoints(node, ips: set[str], timeout: float = 60) -> None:
+    """All of them in the dataplane: one `endpoint list` per round, not one wait per address."""
+    deadline = time.monotonic() + timeout
+    while not ips <= {e["ip"] for e in node.atomnet_json("endpoint", "list")}:
+        assert time.monotonic() < deadline, f"endpoints never all programmed: {sorted(ips)}"
+        time.sleep(0.1)
+
+
 def make_netns(rig, short: str) -> str:
     name = f"an{rig.uid}-c{short}"
     sh("ip", "netns", "add", name)
@@ -199,8 +207,7 @@ def test_twenty_concurrent_adds_all_work_then_del_twice(rig, direct):
     assert all(rc == 0 for rc, _ in results), [r for r in results if r[0]]
     ips = [r["ips"][0]["address"].split("/")[0] for _, r in results]
     assert len(set(ips)) == 20
-    for ip in ips:
-        node.wait_endpoint(ip, timeout=30)
+    wait_endpoints(node, set(ips))
     first = netns[0].rsplit("/", 1)[1]
     for ip in ips[1:]:
         assert in_pod(first, "ping", "-c", "1", "-W", "2", ip, check=False).returncode == 0, ip
