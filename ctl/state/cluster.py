@@ -169,16 +169,16 @@ def save_node(store: Store, node: Node) -> None:
 
 
 def allocate_address(store: Store, subnet: str, owner: str, requested: str | None = None) -> str:
-    """Lowest free pod address in the node's subnet, claimed with create-if-absent; or exactly
-    `requested` (CNI `ips`, Docker --ip) when it is a pod address of the subnet and free."""
+    """Lowest free pod address in the node's subnet (or `requested`, which must be a pod
+    address of it and free), claimed with create-if-absent."""
     net = ipaddress.IPv4Network(subnet)
     if requested is not None:
         try:
             want = ipaddress.IPv4Address(requested)
         except ValueError:
-            raise ValidationError(f"invalid requested address {requested!r}: use an IPv4 address") from None
+            raise AtomnetError(f"invalid address {requested!r}") from None
         if want not in pod_addresses(net):
-            raise ValidationError(f"requested address {want} is not a pod address of this node's subnet {subnet}")
+            raise AtomnetError(f"address {requested} is not a pod address of this node's subnet {subnet}")
         if not store.create(IPAM_PREFIX + str(want), owner):
             holder = store.get(IPAM_PREFIX + str(want))
             raise AtomnetError(f"requested address {want} is already in use" + (f" (taken by {holder.value})" if holder else ""))

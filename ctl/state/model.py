@@ -238,8 +238,8 @@ class Pod:
     labels: dict = field(default_factory=dict)
     netns_owned: bool = True   # atomnet created the netns, so `pod del` removes it
     ifname: str = POD_IFNAME
-    container_id: str = ""     # the runtime's id of the container this pod is ("" for `pod add`)
-    runtime: str = ""          # who made it: "cni", "docker", or "" for `pod add`
+    container_id: str = ""     # the runtime's id for it, when a runtime made it (CNI, Docker)
+    runtime: str = ""          # "" for `atomnet pod add`; "docker", "cni", ...
 
     def to_dict(self) -> dict:
         return asdict(self)

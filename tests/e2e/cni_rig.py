@@ -155,6 +155,16 @@ class Containerd:
             raise AssertionError(f"ctr {' '.join(map(str, args))} failed ({res.returncode}): {res.stderr.strip()}")
         return res
 
+    def wait_stopped(self, cid: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [line.split() for line in self.ctr("task", "ls", check=False).stdout.splitlines()[1:]]
+            if any(r[0] == cid and r[-1] == "STOPPED" for r in rows if r):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {cid} never stopped: {rows}")
+            time.sleep(0.1)
+
     def teardown(self) -> None:
         try:
             for cid in self.ctr("task", "ls", "-q", check=False).stdout.split():
