@@ -197,13 +197,14 @@ def _network_init(args) -> None:
 
 
 def _network_show(args) -> None:
-    from .state.cluster import load_cluster_config, load_network, load_node
+    from .state.cluster import dns_vip_of, load_cluster_config, load_network, load_node
     with _store(args) as store:
         cfg, cluster, node = load_network(store), load_cluster_config(store), load_node(store, args.node)
     emit({"network": cfg.network, "subnet_len": cfg.subnet_len, "vni": cfg.vni, "port": cfg.port,
           "service_cidr": cluster.service_cidr, "masquerade": cluster.masquerade,
           "no_masquerade_cidrs": list(cluster.no_masquerade_cidrs), "node": args.node,
-          "subnet": node.subnet if node else None}, args.json)
+          "subnet": node.subnet if node else None, "cluster_domain": cluster.cluster_domain,
+          "dns_vip": dns_vip_of(cluster)}, args.json)
 
 
 def _pod_add(args) -> None:

@@ -280,6 +280,7 @@ class DnsServer:
     def _stats_reply(self, query, client: str, tcp: bool) -> bytes:
         if client != self.address:
             return self._reply(query, dns.rcode.REFUSED, tcp, "refused")
+        self.stats.add("queries_tcp" if tcp else "queries_udp", -1)   # reading the counters must not move them
         response = self._response(query)
         texts = [f'"{k}={v}"' for k, v in sorted(self.stats.snapshot().items())] or ['"queries_udp=0"']
         response.answer = [dns.rrset.from_text_list(STATS_NAME, 0, dns.rdataclass.CH, dns.rdatatype.TXT, texts)]

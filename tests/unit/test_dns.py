@@ -348,3 +348,21 @@ def test_upstream_arguments(tmp_path):
     conf = tmp_path / "resolv.conf"
     conf.write_text("search x\nnameserver 192.0.2.53\nnameserver 10.96.0.10\nnameserver fe80::1\n")
     assert system_upstreams(str(conf), exclude={"10.96.0.10"}) == [("192.0.2.53", 53)]
+
+
+def test_pod_resolv_conf_is_written_and_removed_and_foreign_files_are_left_alone(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ctl.node import resolvconf
+    monkeypatch.setattr(resolvconf, "ETC_NETNS", tmp_path)
+    cfg = names.resolver_config("cluster.local", "10.96.0.10")
+    path = resolvconf.write(Path("/run/netns/web1"), cfg)
+    assert path == tmp_path / "web1" / "resolv.conf" and path.read_text() == names.render_resolv_conf(cfg)
+    resolvconf.remove(Path("/run/netns/web1"))
+    assert not (tmp_path / "web1").exists()
+    assert resolvconf.write(Path("/var/run/other/ns"), cfg) is None   # not a named namespace: no /etc/netns entry
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "resolv.conf").write_text("nameserver 192.0.2.1\n")   # somebody else's
+    assert resolvconf.write(Path("/run/netns/mine"), cfg) is None
+    resolvconf.remove(Path("/run/netns/mine"))
+    assert (tmp_path / "mine" / "resolv.conf").read_text() == "nameserver 192.0.2.1\n"
