@@ -231,7 +231,9 @@ def pod(key: str, text: str, network: NetworkConfig | None = None) -> Pod:
     for what, name in (("host interface", p.host_ifname), ("interface", p.ifname)):
         if not _IFNAME_RE.match(_str(name, what)):
             raise ValidationError(f"{key}: {what} {name!r} is not an interface name")
-    if not _str(p.netns, "netns"):
+    _str(p.container_id, "container id")
+    if not _str(p.netns, "netns") and not _str(p.runtime, "runtime"):
+        # a runtime that moves the veth itself (Docker) says where only after Join
         raise ValidationError(f"{key}: empty netns")
     _labels(p.labels, "labels")
     if not isinstance(p.netns_owned, bool):

@@ -44,7 +44,7 @@ CHECKS = {"lease": lambda k, v: validate.lease(k, v, NET), "pod": lambda k, v: v
           "network": validate.network_config, "config": validate.cluster_config}
 MIRRORS = {"config": (T.U32, T.Config), "endpoints": (T.EndpointKey, T.EndpointInfo),
            "tunnels": (T.TunnelKey, T.TunnelInfo), "backends": (T.BackendKey, None),
-           "services": (T.ServiceKey, T.ServiceInfo)}
+           "services": (T.ServiceKey, T.ServiceInfo), "snat_exclude": (T.SnatExcludeKey, T.SnatExcludeValue)}
 
 
 def desired_from(pods=(), services=(), forwards=(), leases=()):
@@ -233,3 +233,12 @@ def test_invalid_config_keeps_the_last_valid_one(store):
     store.put(NETWORK_CONFIG_KEY, '{"Network": 5}')
     assert cluster.load_network(store).network == "10.244.0.0/16"
     assert [lease for lease in cluster.list_leases(store)] == []   # nothing broke: leases still checked
+
+
+def test_a_runtime_pod_before_its_runtime_says_where_it_lives_is_valid():
+    """Docker moves the veth into the sandbox itself and names the netns only after Join: its
+    pod record has no netns for a while and must still be programmed. A `pod add` pod must name one."""
+    doc = dict(GOOD["pod"][1], netns="", runtime="docker", container_id="")
+    assert validate.pod(GOOD["pod"][0], json.dumps(doc), NET).runtime == "docker"
+    with pytest.raises(ValidationError, match="empty netns"):
+        validate.pod(GOOD["pod"][0], json.dumps(dict(doc, runtime="")), NET)
