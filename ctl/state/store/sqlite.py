@@ -366,8 +366,9 @@ class SqliteStore(Store):
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
-            # Sleep outside the lock so this process's other threads can write meanwhile.
-            time.sleep(min(POLL_INTERVAL, left))
+            # Wait outside the lock so this process's other threads can write meanwhile; a
+            # write by any process wakes it at once (ctl/state/store/notify.py).
+            self._notifier().wait(min(POLL_INTERVAL, left))
 
     def compact(self, revision: int) -> None:
         with self._write() as db:
@@ -405,7 +406,16 @@ class SqliteStore(Store):
         left = row[0] - time.time() if row else 0.0
         return left if left > 0 else None
 
+    def _notifier(self):
+        if getattr(self, "_notify", None) is None:
+            from .notify import DirNotifier
+            self._notify = DirNotifier(os.path.dirname(os.path.abspath(self.path)) or ".")
+        return self._notify
+
     def close(self) -> None:
+        if getattr(self, "_notify", None) is not None:
+            self._notify.close()
+            self._notify = None
         with self._lock:
             if self._db is not None:
                 self._db.close()
