@@ -28,6 +28,7 @@ from .base import KV, Compacted, Event, Store, StoreError, split_batch
 HISTORY = 100_000  # events kept for watch; older ones are pruned (-> Compacted)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
 POLL_INTERVAL = 0.05  # seconds between watch polls
+NOTIFIED_POLL_INTERVAL = 0.5  # with inotify waking the watch at each write, polling is only a safety net
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -368,7 +369,8 @@ class SqliteStore(Store):
                 return []
             # Wait outside the lock so this process's other threads can write meanwhile; a
             # write by any process wakes it at once (ctl/state/store/notify.py).
-            self._notifier().wait(min(POLL_INTERVAL, left))
+            notifier = self._notifier()
+            notifier.wait(min(POLL_INTERVAL if notifier.fd < 0 else NOTIFIED_POLL_INTERVAL, left))
 
     def compact(self, revision: int) -> None:
         with self._write() as db:
