@@ -54,8 +54,8 @@ log = structlog.get_logger("atomnet.daemon")
 
 # Events arriving within this long of each other are one sync (a burst such as `apply -f`
 # becomes one write per map), but a sync never waits longer than BATCH_MAX for quiet.
-BATCH_WINDOW = 0.005
-BATCH_MAX = 0.1
+BATCH_WINDOW = 0.001
+BATCH_MAX = 0.05
 # The rare full comparison (model against from scratch, caches against the kernel).
 DRIFT_SECONDS = 300.0
 # Kept for the benchmark harness: the longest the daemon sleeps between two looks at the
@@ -65,6 +65,15 @@ WATCH_TIMEOUT = 5.0
 
 
 RETRY_MAX_SECONDS = 30.0
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed memory in its arenas; malloc_trim returns it to the kernel."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Daemon:
@@ -222,12 +231,12 @@ class Daemon:
     def snapshot(self) -> dict:
         """What the metrics endpoint reports: map sizes from the caches, counters read from
         the kernel at scrape time (batch lookups), names from the model."""
-        from .observe import inspect
-        from .observe.metrics import frontend_counters
+        from .observe.metrics import dataplane_counters, frontend_counters
         out: dict = {}
         try:
-            out["counters"] = inspect.counters(self.loader)
             rec = self.reconciler
+            if self.loaded is not None:   # our open map, not the pins: no ELF/DWARF parse per scrape
+                out["counters"] = dataplane_counters(self.loaded.maps["counters"])
             if rec is not None:
                 out["maps"] = [{"name": n, "entries": len(c), "max_entries": c.map.info.max_entries}
                                for n, c in rec.caches.items()]
@@ -274,6 +283,8 @@ class Daemon:
         if total:
             log.info("reconciled", changes=total, tables_built=res.tables_built,
                      seconds=round(time.monotonic() - started, 4))
+        if total > 1000:
+            _trim_heap()   # a big sync's temporaries: give the freed heap back (RSS, not just free lists)
 
     def drift_check(self) -> None:
         """The rare full comparison. The model is checked against a from-scratch computation

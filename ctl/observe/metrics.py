@@ -23,6 +23,16 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
 
+def dataplane_counters(counters: Map) -> list[dict]:
+    """The dataplane's outcome counters (per-CPU array), summed over CPUs."""
+    from ..dataplane.bpf.types import CounterId
+    rows = {}
+    for key, per_cpu in counters.items():
+        rows[key.value] = (sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
+    return [{"counter": cid.name.removeprefix("CTR_").lower(), "packets": rows.get(cid, (0, 0))[0],
+             "bytes": rows.get(cid, (0, 0))[1]} for cid in CounterId if cid != CounterId.CTR_MAX]
+
+
 def frontend_counters(backends: Map, frontends: dict, names: dict[int, str]) -> list[dict]:
     """Packets/bytes per service frontend: the per-CPU backend counters read with batch
     lookups and summed with numpy (100 000 backends in tens of milliseconds), frontends from

@@ -40,13 +40,16 @@ class Config:
     service_counts: tuple[int, ...] = (1, 1000, 10000)
     cp_services: int = 10000
     cp_backends: int = 10
-    idle_window: float = 0.0        # daemon CPU at cp_services sampled over this many s (0: one resync period)
+    idle_window: float = 0.0        # daemon CPU at cp_services sampled over this many s (0: 30 s)
+    cp_changes: int = 30            # adds, backend changes and deletes timed per control-plane repetition
+    cp_pod_adds: int = 5
     iptables: str = "iptables-legacy"
 
 
 FULL = Config()
 SMOKE = Config(reps=1, iperf_seconds=1, iperf_omit=0, iperf_bytes="100M", latency_seconds=1, crr_seconds=0.3, crr_warmup=0.1,
-               crr_procs=2, service_counts=(1, 3), cp_services=3, cp_backends=2, idle_window=0.5)
+               crr_procs=2, service_counts=(1, 3), cp_services=3, cp_backends=2, idle_window=0.5, cp_changes=2,
+               cp_pod_adds=1)
 
 IPERF_PORT, SOCKPERF_PORT, HTTP_PORT, SVC_PORT, HOST_PORT = 5201, 11111, 8080, 80, 8080
 IPERF_VIP = "10.96.0.5"
@@ -418,12 +421,17 @@ class Bench:
     # ------------------------------------------------------------------ control plane
 
     def control_plane(self) -> None:
+        """Issue 15's goals: a fresh node per repetition (tests/bench/control_plane.py), each
+        service with its own backend set; the same change measured at 1 000 services too."""
+        from .control_plane import run_node
         c = self.cfg
         n, nb = c.cp_services, c.cp_backends
-        self.step(f"case: control plane, {n} services x {nb} backends (atomnet fresh node vs iptables-restore)")
-        s = {k: Series(k) for k in ("atomnet program", "atomnet program reconcile", "iptables program",
-                                    "atomnet change", "atomnet change wall", "iptables change", "atomnet rss",
-                                    "atomnet hwm")}
+        small = max(1, n // 10)
+        self.step(f"case: control plane, {n} services x {nb} backends, distinct sets (atomnet vs iptables-restore)")
+        keys = ("atomnet program", "atomnet program reconcile", "iptables program", "atomnet change p50",
+                "atomnet change p99", "atomnet small change p50", "atomnet small change p99", "iptables change",
+                "atomnet rss", "atomnet hwm", "pod add", "scrape", "idle")
+        s = {k: Series(k) for k in keys}
         eps = tuple((f"10.249.1.{10 + j}", HTTP_PORT) for j in range(nb))
         full = [rules.KubeService(f"default/s{i}", vip(i), SVC_PORT, eps) for i in range(n)]
         changed = list(full)
@@ -431,84 +439,74 @@ class Bench:
         full_text, changed_text = rules.kube_proxy(full, KP_CIDR), rules.kube_proxy(changed, KP_CIDR)
         self.facts["kube_proxy_rules"] = {"rules": rules.rule_count(full_text),
                                           "chains": full_text.count("\n:") + 1}
-        from ctl.daemon import RESYNC_SECONDS
-        window = c.idle_window or RESYNC_SECONDS
-        idle = None
-        with paused(self.n1.daemon):   # the main node's daemon (10 000 services) must not compete
+        window = c.idle_window or 30.0
+        pool = max(nb * 2, 4)
+        main = getattr(self, "n1", None)
+        with paused(main.daemon if main else None):   # the main node's daemon must not compete
             for r in range(c.reps):
-                a = self.cp_atomnet_rep(n, nb, idle_window=window if r == c.reps - 1 else 0)
+                last = r == c.reps - 1
+                a = run_node(self.rig.tmp, self.uids, n, nb, pool, c.cp_changes, self.atomnet_apply,
+                             idle_window=window if last else 0.0, metrics_port=9641, pod_adds=c.cp_pod_adds,
+                             log=self.log)
+                b = run_node(self.rig.tmp, self.uids, small, nb, pool, c.cp_changes, self.atomnet_apply, log=self.log)
                 for key, value in (("atomnet program", a["program"]["wall"]),
                                    ("atomnet program reconcile", a["program"]["reconcile"]),
-                                   ("atomnet change", a["change"]["reconcile"]),
-                                   ("atomnet change wall", a["change"]["wall"]),
-                                   ("atomnet rss", a["rss_mib"]), ("atomnet hwm", a["hwm_mib"])):
+                                   ("atomnet change p50", a["change_p50"]), ("atomnet change p99", a["change_p99"]),
+                                   ("atomnet small change p50", b["change_p50"]),
+                                   ("atomnet small change p99", b["change_p99"]),
+                                   ("atomnet rss", a["rss_end_mib"]), ("atomnet hwm", a["hwm_mib"]),
+                                   ("scrape", a["scrape"])):
                     s[key].samples.append(Sample(value))
-                idle = a.get("idle") or idle
+                for p in a.get("pod_add", []):
+                    s["pod add"].samples.append(Sample(p["wall"]))
+                if "idle" in a:
+                    s["idle"].samples.append(Sample(a["idle"] * 100))
                 p, ch = self.cp_iptables_rep(r, full_text, changed_text)
                 s["iptables program"].samples.append(Sample(p))
                 s["iptables change"].samples.append(Sample(ch))
-                self.log(f"  cp #{r + 1}: atomnet program {a['program']['wall']:.2f}s "
-                         f"(reconcile {a['program']['reconcile']:.2f}s), change {a['change']['reconcile'] * 1000:.0f}ms "
-                         f"(wall {a['change']['wall']:.2f}s), RSS {a['rss_mib']:.0f} MiB | iptables program {p:.2f}s, "
-                         f"change {ch:.2f}s")
         label = f"{n:,}".replace(",", " ")
+        slabel = f"{small:,}".replace(",", " ")
+        contention = "machine shared with other engineers' test runs (load average ~10 on 2 CPUs while measured)"
         self.rows += [
-            Row(f"control plane: program {label} services × {nb} backends", "time (apply → reconciled)", "s",
-                s["atomnet program"].renamed("atomnet"), s["iptables program"].renamed("iptables-restore"),
-                [Target("<=", 2.0, absolute=True, text="< 2 s"), Target("<=", 0.05, text="≥ 20× faster")],
-                better="lower",
+            Row(f"control plane: program {label} services × {nb} backends, each its own set", "time (apply → reconciled)",
+                "s", s["atomnet program"].renamed("atomnet"), s["iptables program"].renamed("iptables-restore"),
+                [Target("<=", 2.0, absolute=True, text="< 2 s")], better="lower",
                 note=f"atomnet: `atomnet apply -f` (CLI + one sqlite transaction) to the daemon's reconciled event "
-                     f"(reconcile alone: median {s['atomnet program reconcile'].median:.2f} s); all services share "
-                     f"one backend set, so one Maglev table; iptables: one `{c.iptables}-restore --noflush "
-                     f"--counters` of {self.facts['kube_proxy_rules']['rules']} rules (text generation not timed)"),
-            Row(f"control plane: change one service among {label}", "time (daemon reconcile)", "s",
-                s["atomnet change"].renamed("atomnet"), s["iptables change"].renamed("iptables-restore"),
+                     f"(reconcile alone: median {s['atomnet program reconcile'].median:.2f} s); {n} distinct Maglev "
+                     f"tables; iptables: one `{c.iptables}-restore --noflush --counters` of "
+                     f"{self.facts['kube_proxy_rules']['rules']} rules; {contention}"),
+            Row(f"control plane: change one service among {label}", "store write → maps updated, p50", "s",
+                s["atomnet change p50"].renamed("atomnet"), s["iptables change"].renamed("iptables-restore"),
                 [Target("<=", 0.010, absolute=True, text="< 10 ms")], better="lower",
-                note=f"one backend removed from one service; atomnet wall (apply → reconciled): median "
-                     f"{s['atomnet change wall'].median:.2f} s; iptables: kube-proxy-style full restore"),
-            Row(f"daemon memory at {label} services × {nb} backends", "RSS after programming", "MiB",
-                s["atomnet rss"].renamed("atomnet"), None, [Target("<=", 150, absolute=True, text="< 150 MB")], better="lower",
-                note=f"peak (VmHWM) median {s['atomnet hwm'].median:.0f} MiB"),
+                note=f"{c.cp_changes} adds, {c.cp_changes} backend changes, {c.cp_changes} deletes per repetition, "
+                     "each timed from the store write (ctl.state.services, in the bench process) to the "
+                     "services map showing it; iptables: kube-proxy-style full restore of the changed rules"),
+            Row(f"control plane: change one service among {label}", "store write → maps updated, p99", "s",
+                s["atomnet change p99"].renamed("atomnet"), None,
+                [Target("<=", 0.050, absolute=True, text="< 50 ms")], better="lower"),
+            Row(f"control plane: change one service among {slabel}", "store write → maps updated, p50", "s",
+                s["atomnet small change p50"].renamed("atomnet"), None,
+                [Target("<=", 0.010, absolute=True, text="< 10 ms")], better="lower",
+                note=f"flatness: the same change at {slabel} services (p99 median "
+                     f"{s['atomnet small change p99'].median * 1000:.1f} ms)"),
+            Row(f"pod add at {label} services", "CLI start → endpoint in the map, p50", "s",
+                s["pod add"].renamed("atomnet"), None, [Target("<=", 0.050, absolute=True, text="< 50 ms")],
+                better="lower", note="includes the CLI's start-up and its netns + veth creation; tunnels are per "
+                                     "node lease, a pod add changes none"),
+            Row(f"daemon memory at {label} services × {nb} backends", "RSS after the changes", "MiB",
+                s["atomnet rss"].renamed("atomnet"), None, [Target("<=", 100, absolute=True, text="< 100 MiB")],
+                better="lower", note=f"peak (VmHWM) median {s['atomnet hwm'].median:.0f} MiB"),
+            Row(f"metrics scrape at {label} services", "one /metrics GET (median of 5)", "s",
+                s["scrape"].renamed("atomnet"), None, [Target("<=", 0.100, absolute=True, text="< 100 ms")],
+                better="lower"),
         ]
-        if idle is not None:
-            self.rows.append(Row(f"daemon idle CPU at {label} services", "CPU while nothing changes "
-                                 f"({window:g} s window, 1 sample)", "% of one CPU",
-                                 Series("atomnet", [Sample(idle * 100)]), None, [], better="lower",
-                                 note=f"the daemon recomputes the whole desired state and re-reads every map every "
-                                      f"{RESYNC_SECONDS:g} s (ctl/daemon.py RESYNC_SECONDS); the window is one such "
-                                      "period, so this is one resync's CPU spread over its period"))
+        if s["idle"].samples:
+            self.rows.append(Row(f"daemon idle CPU at {label} services", f"CPU while nothing changes ({window:g} s "
+                                 "window, 1 sample)", "% of one CPU", s["idle"].renamed("atomnet"), None,
+                                 [Target("<=", 0.5, absolute=True, text="< 0.5 %")], better="lower",
+                                 note="no periodic resync any more: the store watch and netlink wake the daemon; "
+                                      "the drift check (ctl/daemon.py DRIFT_SECONDS = 300 s) is outside the window"))
         self.series["control_plane"] = {k: v.to_dict() for k, v in s.items()}
-
-    def cp_atomnet_rep(self, n: int, nb: int, idle_window: float) -> dict:
-        """A fresh node (its own rig, store and pins): pods, then n services x nb backends in
-        one apply, then one service changed. Torn down after, whatever happens."""
-        uid = uuid.uuid4().hex[:6]
-        self.uids.append(uid)
-        tmp = Path(tempfile.mkdtemp(prefix=f"cp{uid}-", dir=self.rig.tmp))
-        try:
-            rig = Rig(uid, tmp)
-        except Exception:
-            sh("ip", "netns", "del", f"an{uid}-ul", check=False)
-            raise
-        try:
-            node = rig.add_node("cp")
-            node.start_daemon()
-            pods = [node.add_pod(f"e{j}")["name"] for j in range(nb)]
-            for p in node.atomnet_json("pod", "list"):
-                node.wait_endpoint(p["ip"])
-            docs = [service_doc(i, pods) for i in range(n)]
-            out = {"program": self.atomnet_apply(node, docs, min_changes=n, timeout=900)}
-            mem = memory_kib(node.daemon.pid)
-            out["rss_mib"], out["hwm_mib"] = mem["VmRSS"] / 1024, mem["VmHWM"] / 1024
-            one = dict(docs[n // 2], backends=docs[n // 2]["backends"][:-1])
-            out["change"] = self.atomnet_apply(node, [one], min_changes=1, timeout=300)
-            if idle_window:
-                before = cpu_seconds(node.daemon.pid)
-                time.sleep(idle_window)
-                out["idle"] = (cpu_seconds(node.daemon.pid) - before) / idle_window
-            return out
-        finally:
-            rig.teardown()
 
     def cp_iptables_rep(self, r: int, full_text: str, changed_text: str) -> tuple[float, float]:
         """A fresh namespace: kube-proxy's jumps, then one full restore (program), then
@@ -526,6 +524,10 @@ class Bench:
             self.rig.extra_netns.remove(ns)
 
     # ------------------------------------------------------------------
+
+    def run_control_plane(self) -> None:
+        """Only the control-plane rows (`python -m tests.bench.run --only control-plane`)."""
+        self.control_plane()
 
     def run(self) -> None:
         self.setup()

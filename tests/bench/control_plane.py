@@ -140,7 +140,7 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
             lat = []
             for k in range(pod_adds):
                 t0 = time.monotonic()
-                pod = node.atomnet_json("pod", "add", f"p{uid}-x{k}")
+                pod = node.add_pod(f"x{k}")   # tracked: the rig's teardown removes its netns
                 cli = time.monotonic() - t0
                 t_ep = wait_for(lambda: maps.endpoint(pod["ip"]) is not None)
                 lat.append({"wall": t_ep - t0, "cli": cli})

@@ -31,7 +31,8 @@ def _terminate(signum, _frame):
     raise SystemExit(128 + signum)   # unwinds through the finally blocks: teardown runs
 
 
-def run_bench(cfg: Config, outdir: Path, command: str, log=print) -> tuple[Bench | None, Path, str | None]:
+def run_bench(cfg: Config, outdir: Path, command: str, log=print, only: str | None = None
+              ) -> tuple[Bench | None, Path, str | None]:
     """Builds, measures, tears down, writes the report. Returns (bench, RESULTS.md, error or None)."""
     ensure_tools(log)
     started = time.monotonic()
@@ -46,7 +47,7 @@ def run_bench(cfg: Config, outdir: Path, command: str, log=print) -> tuple[Bench
             raise
         try:
             bench = Bench(rig, cfg, log)
-            bench.run()
+            bench.run_control_plane() if only == "control-plane" else bench.run()
         except Exception as exc:
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             log(traceback.format_exc())
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="seconds-long run with tiny counts (what `make test` runs)")
     ap.add_argument("--iptables", choices=("legacy", "nft"), default="legacy",
                     help="iptables backend of the baselines (default legacy: see RESULTS.md)")
+    ap.add_argument("--only", choices=("control-plane",), help="run only these rows (RESULTS.md then holds only them)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (network namespaces, BPF, iptables): sudo make bench", file=sys.stderr)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _terminate)
     given = " ".join(sys.argv[1:] if argv is None else argv)
     command = ("sudo make bench" if os.environ.get("MAKELEVEL") else f"python -m tests.bench.run {given}").strip()
-    _, path, error = run_bench(cfg, Path(args.out), command)
+    _, path, error = run_bench(cfg, Path(args.out), command, only=args.only)
     print(path.read_text())
     print(f"written: {path} (and results.json, *.png beside it)")
     if error:

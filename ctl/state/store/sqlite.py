@@ -28,6 +28,7 @@ from .base import KV, Compacted, Event, Store, StoreError, split_batch
 HISTORY = 100_000  # events kept for watch; older ones are pruned (-> Compacted)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
 POLL_INTERVAL = 0.05  # seconds between watch polls
+NOTIFIED_POLL_INTERVAL = 0.5  # with inotify waking the watch at each write, polling is only a safety net
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -387,8 +388,10 @@ class SqliteStore(Store):
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
-            # Sleep outside the lock so this process's other threads can write meanwhile.
-            time.sleep(min(POLL_INTERVAL, left))
+            # Wait outside the lock so this process's other threads can write meanwhile; a
+            # write by any process wakes it at once (ctl/state/store/notify.py).
+            notifier = self._notifier()
+            notifier.wait(min(POLL_INTERVAL if notifier.fd < 0 else NOTIFIED_POLL_INTERVAL, left))
 
     def compact(self, revision: int) -> None:
         with self._write() as db:
@@ -426,7 +429,16 @@ class SqliteStore(Store):
         left = row[0] - time.time() if row else 0.0
         return left if left > 0 else None
 
+    def _notifier(self):
+        if getattr(self, "_notify", None) is None:
+            from .notify import DirNotifier
+            self._notify = DirNotifier(os.path.dirname(os.path.abspath(self.path)) or ".")
+        return self._notify
+
     def close(self) -> None:
+        if getattr(self, "_notify", None) is not None:
+            self._notify.close()
+            self._notify = None
         with self._lock:
             if self._db is not None:
                 self._db.close()
