@@ -214,7 +214,8 @@ def test_invalid_records_are_skipped_logged_once_counted_and_the_rest_kept(store
     assert [dict(k)["ip"] for k in d.maps["tunnels"]] == ["10.244.2.0"]
     counted = {k: validate.INVALID.counts[k] - before.get(k, 0) for k in validate.KINDS}
     assert counted == {"network": 0, "config": 0, "lease": 2, "node": 0, "pod": 3, "service": 1, "forward": 1}
-    logged = [line for line in capsys.readouterr().out.splitlines() if "record_invalid" in line]
+    seen = capsys.readouterr()   # stdout by structlog's default, stderr once ctl.logs has configured it
+    logged = [line for line in (seen.out + seen.err).splitlines() if "record_invalid" in line]
     assert sorted(k for k in bad if any(k in line for line in logged)) == sorted(bad)
     assert len(logged) == len(bad)
 
