@@ -144,9 +144,12 @@ def test_monitor_shows_a_spoofing_drop_with_its_reason(rig, node):
     from tests.e2e.rig import ATOMNET
     mon = rig.spawn(subprocess.Popen(node.nsenter + ATOMNET + ["-j", "monitor", "--count", "1", "--duration", "15"],
                                      env=node.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    time.sleep(1.5)
+    # The monitor is ready when it has opened the perf ring, which nothing shows from outside:
+    # send spoofed packets until it has seen one (it exits after --count 1), not after a sleep.
     in_pod(a["name"], "ip", "addr", "add", "10.244.250.250/32", "dev", "eth0")
-    in_pod(a["name"], "ping", "-c2", "-W1", "-I", "10.244.250.250", b["ip"], check=False)
+    deadline = time.monotonic() + 15
+    while mon.poll() is None and time.monotonic() < deadline:
+        in_pod(a["name"], "ping", "-c1", "-W1", "-I", "10.244.250.250", b["ip"], check=False)
     out, err = mon.communicate(timeout=20)
     event = json.loads(out.splitlines()[0])
     assert event["type"] == "drop" and event["reason"] == "spoofed"
