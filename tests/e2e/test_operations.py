@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import signal
 import subprocess
 import time
@@ -142,16 +143,29 @@ def test_monitor_shows_a_spoofing_drop_with_its_reason(rig, node):
     a, b = node.add_pod("a"), node.add_pod("b")
     node.wait_endpoint(b["ip"])
     from tests.e2e.rig import ATOMNET
-    mon = rig.spawn(subprocess.Popen(node.nsenter + ATOMNET + ["-j", "monitor", "--count", "1", "--duration", "15"],
+    mon = rig.spawn(subprocess.Popen(node.nsenter + ATOMNET + ["-j", "monitor", "--duration", "30"],
                                      env=node.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    # The monitor is ready when it has opened the perf ring, which nothing shows from outside:
-    # send spoofed packets until it has seen one (it exits after --count 1), not after a sleep.
+    # Other drops may come first (the node's own IPv6 chatter on the overlay device is counted
+    # as unsupported_l3), so read events until the spoofed one. The monitor is ready when it
+    # has opened the perf ring, which nothing shows from outside: send spoofed packets until
+    # it has seen one, not after a sleep.
+    seen, spoofed = [], threading.Event()
+
+    def read():
+        for line in mon.stdout:
+            seen.append(json.loads(line))
+            if seen[-1].get("reason") == "spoofed":
+                spoofed.set()
+                return
+    threading.Thread(target=read, daemon=True).start()
     in_pod(a["name"], "ip", "addr", "add", "10.244.250.250/32", "dev", "eth0")
-    deadline = time.monotonic() + 15
-    while mon.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 25
+    while not spoofed.is_set() and time.monotonic() < deadline:
         in_pod(a["name"], "ping", "-c1", "-W1", "-I", "10.244.250.250", b["ip"], check=False)
-    out, err = mon.communicate(timeout=20)
-    event = json.loads(out.splitlines()[0])
+    mon.terminate()
+    mon.wait(timeout=10)
+    assert spoofed.is_set(), f"no spoofed drop among {seen}"
+    event = seen[-1]
     assert event["type"] == "drop" and event["reason"] == "spoofed"
     assert event["src"].startswith("10.244.250.250") and event["dst"].startswith(b["ip"])
     # Without the daemon the monitor still works: it needs only the pins.
