@@ -27,12 +27,12 @@ class DirNotifier:
         except (OSError, AttributeError):
             self.fd = -1
 
-    def wait(self, timeout: float) -> None:
-        """Returns at the next write in the directory, or after timeout."""
+    def wait(self, timeout: float) -> bool:
+        """Returns at the next write in the directory (True), or after timeout (False)."""
         if self.fd < 0:
             import time
             time.sleep(timeout)
-            return
+            return False
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if ready:
             try:
@@ -40,6 +40,7 @@ class DirNotifier:
                     pass
             except BlockingIOError:
                 pass
+        return bool(ready)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -371,6 +371,7 @@ class SqliteStore(Store):
     def watch(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
         where, args = _prefix_clause(prefix)
         deadline = time.monotonic() + timeout
+        woke = True   # an earlier call may have drained the wake-up of a write not yet published
         while True:
             with self._read() as db:
                 compacted = db.execute("SELECT compacted FROM meta").fetchone()[0]
@@ -390,8 +391,12 @@ class SqliteStore(Store):
                 return []
             # Wait outside the lock so this process's other threads can write meanwhile; a
             # write by any process wakes it at once (ctl/state/store/notify.py).
+            # A wake-up whose write we did not see yet (the WAL is written before the commit is
+            # published through the -shm mapping, which inotify does not report) is looked at
+            # again after POLL_INTERVAL, not after the long safety-net interval.
             notifier = self._notifier()
-            notifier.wait(min(POLL_INTERVAL if notifier.fd < 0 else NOTIFIED_POLL_INTERVAL, left))
+            slow = notifier.fd >= 0 and not woke
+            woke = notifier.wait(min(NOTIFIED_POLL_INTERVAL if slow else POLL_INTERVAL, left))
 
     def compact(self, revision: int) -> None:
         with self._write() as db:
