@@ -22,6 +22,20 @@ static __always_inline void ct_key_of(struct ct_key *k, const struct flow *f, en
 	k->dir = dir;
 }
 
+/* The key of the reply direction of a packet quoted in an ICMP error: the quoted packet went
+ * a -> b, so the flow's entry that the error travels along is keyed b -> a. */
+static __always_inline void ct_key_of_quoted(struct ct_key *k, const struct iphdr *inner, const __be16 ports[2],
+					     enum ct_dir dir)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = inner->daddr;
+	k->daddr = inner->saddr;
+	k->sport = ports[1];
+	k->dport = ports[0];
+	k->proto = inner->protocol;
+	k->dir = dir;
+}
+
 static __always_inline int ct_expired(const struct ct_entry *ct, __u64 now, __u8 proto)
 {
 	__u64 timeout = CT_TIMEOUT_OTHER;

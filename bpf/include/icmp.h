@@ -49,12 +49,7 @@ static __always_inline enum lb_result lb_icmp_error(struct __sk_buff *skb, struc
 	    bpf_skb_load_bytes(skb, inner_off + sizeof(inner), ports, sizeof(ports)) < 0)
 		return LB_PASS;
 	/* The offending packet went client -> backend; its flow's reply entry is backend -> client. */
-	rk.saddr = inner.daddr;
-	rk.daddr = inner.saddr;
-	rk.sport = ports[1];
-	rk.dport = ports[0];
-	rk.proto = inner.protocol;
-	rk.dir = CT_REPLY;
+	ct_key_of_quoted(&rk, &inner, ports, CT_REPLY);
 	ct = bpf_map_lookup_elem(&conntrack, &rk);
 	if (!ct)
 		return LB_PASS;

@@ -377,12 +377,7 @@ static __always_inline enum snat_result snat_icmp_error_out(struct __sk_buff *sk
 	    inner.daddr != f->saddr || (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP) ||
 	    bpf_skb_load_bytes(skb, inner_off + sizeof(inner), ports, sizeof(ports)) < 0)
 		return SNAT_PASS;
-	ok.saddr = inner.daddr;
-	ok.daddr = inner.saddr;
-	ok.sport = ports[1];
-	ok.dport = ports[0];
-	ok.proto = inner.protocol;
-	ok.dir = CT_SNAT_OUT;
+	ct_key_of_quoted(&ok, &inner, ports, CT_SNAT_OUT);
 	out = bpf_map_lookup_elem(&conntrack, &ok);
 	if (!out)
 		return SNAT_PASS;	/* about no masqueraded flow: as any other packet of no flow */
