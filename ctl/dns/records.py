@@ -13,11 +13,23 @@ What resolves, for cluster domain D (default cluster.local):
                                          (a host IP other than the node's: A-B-C-D.NODE.node.D)
     _PORT._PROTO.SVC.forwards.D    SRV   0 100 NODEPORT NODE.node.D, one per node (NodePort)
     ns.dns.D                       A     the DNS VIP; D has SOA and NS (ns.dns.D)
+    DOCKERNAME.pod.D               A     a Docker container's address by its Docker name (see below)
+    _PORT._PROTO.DOCKERNAME.forwards.D  SRV  its published ports, as under its pod name
     reverse names (in-addr.arpa)   PTR   VIP -> SVC.svc.D, pod address -> POD.pod.D, DNS VIP -> ns.dns.D
 A name that exists (or has names below it) without the asked type is NODATA; anything
 else under D, or an address of the service CIDR or cluster network without a record, is
 NXDOMAIN; both carry the zone's SOA in the authority section. Names outside those zones
 are not ours (lookup returns None: the server forwards them upstream).
+
+Docker names. A Docker container is a pod named docker-<endpoint id> (runtime docker) whose
+label docker-name is the container's name; that name is an alias of the pod, in the same
+zones. Collisions are settled by one rule: a pod's own name always wins. An alias that is
+the name of any pod is not answered (the pod is); an alias that is not one DNS label is not
+answered either. Containers of the same Docker name on several hosts are all answered (one
+A record each, as a headless service), their forwards' SRV records likewise. So these
+records depend on other objects: a pod's records on whether a pod of its alias exists, a
+forward's on its pod's labels and on that; `_depends` maps a pod name to the keys to
+refresh when that pod changes.
 """
 from __future__ import annotations
 
@@ -38,6 +50,7 @@ import dns.rrset
 import structlog
 
 from ..state.cluster import dns_vip_of
+from ..state.names import DOCKER_NAME_LABEL, DOCKER_RUNTIME
 from ..state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, NODES_PREFIX, PODS_PREFIX,
                            SERVICES_PREFIX, ClusterConfig, Forward, NetworkConfig, Node, Pod, Service)
 
@@ -110,6 +123,8 @@ class NameIndex:
         self._ttl: dict[tuple, int] = {}                # (name, type) -> ttl
         self._rrsets: dict[tuple, dns.rrset.RRset] = {}  # (name, type) -> built rrset (cache)
         self._below: Counter = Counter()                # name -> names with records at or below it
+        self._depends: dict[str, set[str]] = {}         # pod name -> keys whose records depend on that pod
+        self._dep_of: dict[str, set[str]] = {}          # key -> the pod names it depends on
         self.generation = 0                             # bumped on every change (the server's answer cache key)
         self._serial = int(time.time())
         self._set_config(ClusterConfig(), None)
@@ -143,6 +158,10 @@ class NameIndex:
                 self._rebuild()    # the domain or the zones changed: every name does
             else:
                 self._refresh(key)
+                if key.startswith(PODS_PREFIX):    # Docker aliases: see the module's docstring
+                    for other in sorted(self._depends.get(key[len(PODS_PREFIX):], ())):
+                        if other != key:
+                            self._refresh(other)
                 if key.startswith(NODES_PREFIX):   # published ports point at node names
                     for other in [k for k in self._raw if self._points_at_nodes(k)]:
                         self._refresh(other)
@@ -231,6 +250,7 @@ class NameIndex:
             log.warning("dns_config_malformed", error=str(exc))
         self._set_config(cfg, net)
         self._owned, self._data, self._ttl, self._rrsets, self._below = {}, {}, {}, {}, Counter()
+        self._depends, self._dep_of = {}, {}
         self._add_static()
         for key in sorted(self._raw, key=lambda k: not k.startswith(NODES_PREFIX)):   # nodes first
             self._refresh(key)
@@ -255,6 +275,7 @@ class NameIndex:
 
     def _refresh(self, key: str) -> None:
         self._remove(key)
+        self._forget(key)
         value = self._raw.get(key)
         if value is None:
             return
@@ -265,12 +286,41 @@ class NameIndex:
             log.warning("dns_object_malformed", key=key, error=f"{type(exc).__name__}: {exc}")
             self._remove(key)
 
+    def _need(self, key: str, pod_name: str) -> None:
+        self._depends.setdefault(pod_name, set()).add(key)
+        self._dep_of.setdefault(key, set()).add(pod_name)
+
+    def _forget(self, key: str) -> None:
+        for name in self._dep_of.pop(key, ()):
+            keys = self._depends.get(name)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._depends[name]
+
+    def _docker_alias(self, key: str, pod_name: str) -> str | None:
+        """The Docker name pod_name is also answered by (for the records of `key`), or None."""
+        self._need(key, pod_name)
+        try:
+            pod = Pod.from_json(self._raw[PODS_PREFIX + pod_name])
+        except Exception:   # no such pod (a forward outliving it) or a malformed one: no alias
+            return None
+        alias = str((pod.labels or {}).get(DOCKER_NAME_LABEL, "")).lower()
+        if pod.runtime != DOCKER_RUNTIME or not _LABEL.match(alias) or alias == pod.name.lower():
+            return None
+        self._need(key, alias)
+        return None if PODS_PREFIX + alias in self._raw else alias   # a pod's own name wins
+
     def _records_of(self, key: str, value: str) -> list[tuple]:
         st, pt = self.service_ttl, self.pod_ttl
         if key.startswith(PODS_PREFIX):
             pod = Pod.from_json(value)
             name = self._name(pod.name, "pod")
-            return [(name, A, pod.ip, pt), (reverse_name(pod.ip), PTR, name, pt)]
+            recs = [(name, A, pod.ip, pt), (reverse_name(pod.ip), PTR, name, pt)]
+            alias = self._docker_alias(key, pod.name)
+            if alias:
+                recs.append((self._name(alias, "pod"), A, pod.ip, pt))
+            return recs
         if key.startswith(NODES_PREFIX):
             node = Node.from_json(value)
             if not _LABEL.match(node.name):
@@ -298,8 +348,9 @@ class NameIndex:
             if node is None or node.public_ip != fwd.host_ip:
                 target = self._name(fwd.host_ip.replace(".", "-"), fwd.node, "node")
                 recs.append((target, A, fwd.host_ip, pt))
-            recs.append((self._name(f"_{fwd.port}", f"_{fwd.proto}", fwd.pod, "forwards"), SRV,
-                         f"0 100 {fwd.host_port} {target}", pt))
+            for name in filter(None, (fwd.pod, self._docker_alias(key, fwd.pod))):
+                recs.append((self._name(f"_{fwd.port}", f"_{fwd.proto}", name, "forwards"), SRV,
+                             f"0 100 {fwd.host_port} {target}", pt))
             return recs
         return []
 

@@ -16,6 +16,11 @@ DNS_VIP_INDEX = 10
 DNS_VIP_OWNER = "atomnet:dns"
 NDOTS = 5   # Kubernetes' ClusterFirst: every name with fewer than 5 dots tries the search path first
 RESOLV_CONF_MARK = "# written by atomnet: cluster DNS"
+# Docker containers are pods named after their endpoint (docker-<id>, runtime "docker"); the
+# container's Docker name is their label DOCKER_NAME_LABEL, and the cluster DNS answers it as
+# an alias under pod.<domain> (ctl/dns/records.py), which is how names span Docker hosts.
+DOCKER_RUNTIME = "docker"
+DOCKER_NAME_LABEL = "docker-name"
 
 _LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 

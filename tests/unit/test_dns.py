@@ -181,6 +181,77 @@ def test_node_ports_are_srv_records_per_node(index):
     assert all(" 30080 " in r for r in ans[0].splitlines()) and len(extra) == 2
 
 
+def docker_pod(name, ip, docker_name, node="n1", runtime="docker"):
+    return Pod(name=name, node=node, ip=ip, netns="", host_ifname=host_ifname(name), mac="02:00:00:00:00:03",
+               labels={"docker-name": docker_name} if docker_name else {}, netns_owned=False, runtime=runtime)
+
+
+def test_docker_names_are_pod_aliases_and_a_pods_own_name_wins(index):
+    def a(name):
+        got = ask(index, name, T.A)
+        return sorted(r.split()[-1] for rr in got[1] for r in rr.splitlines()) if got[0] == "NOERROR" else got[0]
+
+    def srv(name):
+        got = ask(index, name, T.SRV)
+        return [r.split(" ", 4)[-1] for rr in got[1] for r in rr.splitlines()] if got[0] == "NOERROR" else got[0]
+
+    def same_as_a_full_load():
+        fresh = NameIndex(service_ttl=30, pod_ttl=5)
+        fresh.load(list(index._raw.items()))
+        assert strip_soa(fresh.rows()) == strip_soa(index.rows())
+
+    # the container as Join records it (no name yet), then with the name the plugin learnt from dockerd
+    key, fwd_key = "/atomnet/pods/docker-0123456789ab", "/atomnet/forwards/n1-tcp-32768"
+    index.apply(key, docker_pod("docker-0123456789ab", "10.244.1.5", "").to_json())
+    index.apply(fwd_key, Forward("n1-tcp-32768", "n1", "192.168.100.1", 32768, "tcp", "docker-0123456789ab", 80,
+                                 8).to_json())
+    assert a("web2.pod.cluster.local") == "NXDOMAIN"
+    index.apply(key, docker_pod("docker-0123456789ab", "10.244.1.5", "Web2").to_json())
+    assert a("web2.pod.cluster.local") == ["10.244.1.5"]
+    assert a("docker-0123456789ab.pod.cluster.local") == ["10.244.1.5"]
+    assert srv("_80._tcp.web2.forwards.cluster.local") == ["0 100 32768 n1.node.cluster.local."]
+    assert srv("_80._tcp.docker-0123456789ab.forwards.cluster.local") == ["0 100 32768 n1.node.cluster.local."]
+    assert ask(index, "5.1.244.10.in-addr.arpa", T.PTR)[1] == [
+        "5.1.244.10.in-addr.arpa. 5 IN PTR docker-0123456789ab.pod.cluster.local."]   # one PTR: the pod's name
+    same_as_a_full_load()
+
+    # the same Docker name on another host: both containers answer, as a headless service
+    other = "/atomnet/pods/docker-ba9876543210"
+    index.apply(other, docker_pod("docker-ba9876543210", "10.244.2.7", "web2", node="n2").to_json())
+    assert a("web2.pod.cluster.local") == ["10.244.1.5", "10.244.2.7"]
+    same_as_a_full_load()
+
+    # a pod named like the container: the pod's own name wins, the aliases (A and SRV) step back
+    index.apply("/atomnet/pods/web2", pod("web2", "10.244.1.9").to_json())
+    assert a("web2.pod.cluster.local") == ["10.244.1.9"]
+    assert srv("_80._tcp.web2.forwards.cluster.local") == "NXDOMAIN"
+    assert srv("_80._tcp.docker-0123456789ab.forwards.cluster.local") == ["0 100 32768 n1.node.cluster.local."]
+    same_as_a_full_load()
+    index.apply("/atomnet/pods/web2", None)
+    assert a("web2.pod.cluster.local") == ["10.244.1.5", "10.244.2.7"]
+    assert srv("_80._tcp.web2.forwards.cluster.local") == ["0 100 32768 n1.node.cluster.local."]
+
+    # a container removed: its alias and SRV go, the other host's container stays
+    index.apply(fwd_key, None)
+    index.apply(key, None)
+    assert a("web2.pod.cluster.local") == ["10.244.2.7"]
+    assert srv("_80._tcp.web2.forwards.cluster.local") == "NXDOMAIN"
+    index.apply(other, None)
+    assert a("web2.pod.cluster.local") == "NXDOMAIN"
+    same_as_a_full_load()
+
+    # no alias: a pod of another runtime with the label, a Docker name that is not one DNS label
+    index.apply("/atomnet/pods/p1", docker_pod("p1", "10.244.1.11", "fake", runtime="").to_json())
+    index.apply("/atomnet/pods/docker-aaaaaaaaaaaa", docker_pod("docker-aaaaaaaaaaaa", "10.244.1.12",
+                                                                "my_web").to_json())
+    assert a("fake.pod.cluster.local") == "NXDOMAIN" and a("my_web.pod.cluster.local") == "NXDOMAIN"
+    assert index._depends.keys() <= {"p1", "docker-aaaaaaaaaaaa", "web1", "my_web"}   # nothing left over
+
+
+def strip_soa(rows):
+    return [r for r in rows if r["type"] != "SOA"]
+
+
 def test_config_change_renames_everything_and_malformed_objects_are_skipped(index):
     index.apply("/atomnet/pods/bad", "{not json")
     index.apply("/atomnet/services/bad2", '{"name": "bad2", "vip": "not-an-ip", "ports": [{"port": 80}]}')

@@ -14,10 +14,11 @@ import time
 import structlog
 
 from ...state.model import ValidationError, parse_labels
+from ...state.names import DOCKER_NAME_LABEL
 
 log = structlog.get_logger("atomnet.docker")
 
-NAME_LABEL = "docker-name"   # the pod label carrying the container's name
+NAME_LABEL = DOCKER_NAME_LABEL   # the pod label carrying the container's name
 
 
 class _UnixConnection(http.client.HTTPConnection):

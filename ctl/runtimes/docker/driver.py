@@ -20,6 +20,7 @@ from ...node import pods as podlib
 from ...state import cluster
 from ...state.forwards import delete_forward, list_forwards
 from ...state.model import HOST_IFNAME_PREFIX, host_ifname
+from ...state.names import DOCKER_RUNTIME
 from ...state.pods import get_pod, list_pods
 from ...state.store import Store
 from .dockerapi import DockerAPI, pod_labels, wait_for_container
@@ -27,7 +28,7 @@ from .protocol import ANY_POOL, PortBinding, portmap_value
 
 log = structlog.get_logger("atomnet.docker")
 
-RUNTIME = "docker"
+RUNTIME = DOCKER_RUNTIME
 POD_PREFIX = "docker-"
 PEER_PREFIX = "ad"   # the pod end's name in the node's namespace until Docker moves it
 
