@@ -147,3 +147,23 @@ def test_gc_selection():
     assert p.gc_selection(pods, None) == []            # no list: nothing is stale
     assert p.parse_request(env("GC"), conf("1.1.0")).valid_attachments is None
     assert [x.name for x in p.gc_selection(pods, (("c-b", ""),))] == ["a"]   # ifname omitted: every interface
+
+
+def test_config_lists_of_objects_share_one_parser_and_one_error_shape():
+    """args.cni.labels and cni.dev/valid-attachments: a list of objects, or one INVALID_CONFIG line."""
+    req = p.parse_request(env("ADD"), conf("1.0.0", args={"cni": {"labels": [{"key": "app", "value": "web"}]}}))
+    assert req.labels == {"app": "web"}
+    req = p.parse_request(env("GC"), conf("1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "c1"}]}))
+    assert req.valid_attachments == (("c1", ""),)
+    cases = [("ADD", "1.0.0", {"args": {"cni": {"labels": {"app": "web"}}}},
+              "args.cni.labels must be a list of {key, value}"),
+             ("ADD", "1.0.0", {"args": {"cni": {"labels": [{"key": "app"}]}}},
+              "invalid entry {'key': 'app'} in args.cni.labels: use {key, value}"),
+             ("GC", "1.1.0", {"cni.dev/valid-attachments": "c1"},
+              "cni.dev/valid-attachments must be a list of {containerID, ifname}"),
+             ("GC", "1.1.0", {"cni.dev/valid-attachments": ["c1"]},
+              "invalid entry 'c1' in cni.dev/valid-attachments: use {containerID, ifname}")]
+    for command, version, extra, msg in cases:
+        with pytest.raises(p.CniError) as err:
+            p.parse_request(env(command), conf(version, **extra))
+        assert (err.value.code, err.value.msg) == (p.INVALID_CONFIG, msg)

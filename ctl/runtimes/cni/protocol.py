@@ -166,18 +166,28 @@ def _port_mappings(items) -> tuple[PortMapping, ...]:
     return tuple(out)
 
 
+def _object_list(items, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[tuple]:
+    """A config list of JSON objects (args.cni.labels' {key, value}, GC's {containerID, ifname})
+    as tuples of their fields, as strings (a missing optional field: ""); any other shape is
+    one INVALID_CONFIG error naming the list and the fields it wants."""
+    shape = "{" + ", ".join(required + optional) + "}"
+    if not isinstance(items, list):
+        raise CniError(INVALID_CONFIG, f"{what} must be a list of {shape}")
+    out = []
+    for item in items:
+        try:
+            out.append(tuple(str(item[k]) for k in required) + tuple(str(item.get(k) or "") for k in optional))
+        except (KeyError, TypeError, AttributeError):
+            raise CniError(INVALID_CONFIG, f"invalid entry {item!r} in {what}: use {shape}") from None
+    return out
+
+
 def _labels(cni_args: dict, conf_args: dict) -> dict[str, str]:
     labels = {}
     if cni_args.get("K8S_POD_NAMESPACE"):
         labels[NAMESPACE_LABEL] = cni_args["K8S_POD_NAMESPACE"]
-    items = (conf_args.get("cni") or {}).get("labels") or []   # conventions: args.cni.labels [{key, value}]
-    if not isinstance(items, list):
-        raise CniError(INVALID_CONFIG, "args.cni.labels must be a list of {key, value}")
-    for item in items:
-        try:
-            labels[str(item["key"])] = str(item["value"])
-        except (KeyError, TypeError):
-            raise CniError(INVALID_CONFIG, f"invalid label {item!r} in args.cni.labels: use {{key, value}}") from None
+    # conventions: args.cni.labels [{key, value}]
+    labels.update(_object_list((conf_args.get("cni") or {}).get("labels") or [], "args.cni.labels", ("key", "value")))
     return labels
 
 
@@ -214,11 +224,8 @@ def parse_request(env: Mapping[str, str], stdin: str) -> Request:
         valid = None
         if command == "GC":
             raw = conf.get("cni.dev/valid-attachments")
-            try:
-                valid = None if raw is None else tuple((str(a["containerID"]), str(a.get("ifname", ""))) for a in raw)
-            except (KeyError, TypeError, AttributeError):
-                raise CniError(INVALID_CONFIG, "cni.dev/valid-attachments must be a list of {containerID, ifname}") \
-                    from None
+            if raw is not None:
+                valid = tuple(_object_list(raw, "cni.dev/valid-attachments", ("containerID",), ("ifname",)))
         return Request(valid_attachments=valid, **common)
     if not conf.get("name"):
         raise CniError(INVALID_CONFIG, "network config has no name")
