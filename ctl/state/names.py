@@ -64,6 +64,15 @@ def resolver_config(domain: str, dns_vip: str) -> dict:
     return {"nameservers": [dns_vip], "search": search_path(domain), "options": [f"ndots:{NDOTS}"]}
 
 
+def docker_daemon_dns(cfg: dict) -> dict:
+    """The same facts as dockerd's daemon.json keys (or --dns/--dns-search/--dns-opt flags):
+    containers on a user-defined network keep Docker's embedded DNS (127.0.0.11) and it
+    forwards what it does not know, from inside the container, to these servers. An explicit
+    ndots > 0 also makes it answer an unknown one-label name empty instead of forwarding it,
+    so the client goes on with the search path (web2 -> web2.pod.<domain>)."""
+    return {"dns": list(cfg["nameservers"]), "dns-search": list(cfg["search"]), "dns-opts": list(cfg["options"])}
+
+
 def render_resolv_conf(cfg: dict) -> str:
     lines = [RESOLV_CONF_MARK]
     lines += [f"nameserver {ns}" for ns in cfg["nameservers"]]

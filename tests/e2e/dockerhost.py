@@ -109,9 +109,20 @@ class DockerHost:
         self._stop(self.plugin, sig)
         self.plugin = None
 
+    def dns_flags(self) -> list[str]:
+        """dockerd's --dns/--dns-search/--dns-opt for the cluster DNS, as README's Docker section
+        tells a user to configure (daemon.json keys of the same names)."""
+        from ctl.state.cluster import resolver_config
+        from ctl.state.names import docker_daemon_dns
+        from ctl.state.store import open_store
+        with open_store(self.node.rig.store) as store:
+            conf = docker_daemon_dns(resolver_config(store))
+        flag = {"dns": "--dns", "dns-search": "--dns-search", "dns-opts": "--dns-opt"}
+        return [arg for key, values in conf.items() for v in values for arg in (flag[key], v)]
+
     def start_dockerd(self) -> None:
         d = self.dir
-        cmd = [DOCKERD, *("--iptables=false --ip6tables=false --bridge=none --ip-masq=false --live-restore "
+        cmd = [DOCKERD, *self.dns_flags(), *("--iptables=false --ip6tables=false --bridge=none --ip-masq=false --live-restore "
                   "--default-ulimit nofile=1024:1024 --default-ulimit nproc=1024:1024").split(),
                "--data-root", f"{d}/data", "--exec-root", f"{d}/exec", "--pidfile", f"{d}/dockerd.pid",
                "-H", f"unix://{self.sock}"]

@@ -5,6 +5,7 @@ across the overlay, publish ports through atomnet forwards, reach services; bad 
 one clear error from atomnet and leaves nothing; plugin and dockerd restarts keep traffic."""
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -195,6 +196,42 @@ def test_two_docker_hosts_across_the_overlay(rig, docker_hosts):
     vip = svc["vip"] if isinstance(svc, dict) else svc[0]["vip"]
     assert http_get(h2, vip).stdout.strip() == "web"
     h2.node.atomnet("service", "del", "cross")
+
+    # by Docker name across hosts: dockerd --dns <DNS VIP> --dns-search ... --dns-opt ndots:5
+    # (DockerHost.dns_flags); Docker's embedded DNS forwards web2.pod.cluster.local, from inside
+    # the container, to the cluster DNS, which answers the alias of n2's container
+    wait_docker_name(h2, "web2")
+    assert http_get(h1, "web2").stdout.strip() == "web2", "n1's container finds n2's by its Docker name"
+    assert http_get(h2, "web").stdout.strip() == "web"
+
+    # the externally visible address of a -P port: SRV under forwards.<domain> by Docker name,
+    # asked from inside a container with busybox's nslookup, then reached from the uplink's LAN
+    pub = run_web(h2, "pub", "--expose", "80", "-P")
+    wait_docker_name(h2, "pub")
+    fwd = next(f for f in h2.node.atomnet_json("forward", "list") if f["pod"] == pub)
+    out = h1.docker("run", "--rm", "--network", "atomnet", IMAGE, "sh", "-c",
+                    "nslookup -type=SRV _80._tcp.pub.forwards.cluster.local && nslookup n2.node.cluster.local").stdout
+    srv = re.search(r"_80\._tcp\.pub\.forwards\.cluster\.local\s+service = 0 100 (\d+) (\S+)", out)
+    assert srv and srv.group(2).rstrip(".") == "n2.node.cluster.local", out
+    node_ip = out.rsplit("Name:", 1)[-1].split("Address:")[1].split()[0]
+    assert (node_ip, int(srv.group(1))) == (h2.node.ip, fwd["host_port"]), out
+    ext = rig.add_host("ext")
+    assert wait_until(lambda: ext.exec("curl", "-s", "--max-time", "2", f"http://{node_ip}:{srv.group(1)}/",
+                                       check=False).stdout.strip() == "pub", "the advertised address from outside")
+
+    # a removed container stops resolving (NXDOMAIN from the cluster DNS, asked from n1)
+    h2.docker("rm", "-f", "web2")
+    assert wait_until(lambda: "NXDOMAIN" in h1.docker("run", "--rm", "--network", "atomnet", IMAGE, "nslookup",
+                                                      "web2.pod.cluster.local", check=False).stdout
+                      + h1.docker("run", "--rm", "--network", "atomnet", IMAGE, "nslookup",
+                                  "web2.pod.cluster.local", check=False).stderr, "web2 gone from the DNS", timeout=30)
+
+
+def wait_docker_name(host: DockerHost, name: str) -> None:
+    """Until the plugin learnt the container's name from dockerd (it asks after Join)."""
+    pod = host.endpoint_pod(name)
+    wait_until(lambda: any(p["name"] == pod and p["labels"].get("docker-name") == name
+                           for p in host.node.atomnet_json("pod", "list")), f"pod {pod} named {name}")
 
 
 def test_plugin_and_dockerd_restarts_keep_containers_connected(rig, docker_hosts):

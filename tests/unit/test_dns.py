@@ -37,6 +37,13 @@ def test_resolver_config_and_resolv_conf():
                                  "search svc.cluster.local pod.cluster.local cluster.local", "options ndots:5"]
 
 
+def test_dockerd_dns_settings_say_what_pods_are_told():
+    cfg = names.resolver_config("cluster.local", "10.96.0.10")
+    assert names.docker_daemon_dns(cfg) == {"dns": ["10.96.0.10"],
+                                            "dns-search": ["svc.cluster.local", "pod.cluster.local", "cluster.local"],
+                                            "dns-opts": ["ndots:5"]}
+
+
 def test_search_path_expansion_as_a_stub_resolver_does():
     search = names.search_path("cluster.local")
     assert names.candidates("web", search) == ["web.svc.cluster.local", "web.pod.cluster.local", "web.cluster.local",
