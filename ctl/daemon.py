@@ -43,6 +43,7 @@ from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
 from .dns.service import DnsService
 from .errors import AtomnetError
 from .observe.metrics import Metrics
+from .runtimes.cni import orphans
 from .dataplane.reconcile import Reconciler
 from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
                           SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError,
@@ -102,6 +103,7 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own threads
         self.events: queue.Queue = queue.Queue()     # (kind, payload) from the source threads
+        self.vanished: set[str] = set()   # pods whose host veth went: forgotten by their runtime? (orphans)
         self.subscribers: list[tuple[str, Callable[[str, str | None], None]]] = []
         self.revision = 0
         self.last_drift = time.monotonic()
@@ -195,6 +197,7 @@ class Daemon:
         self.model.set_links(netplumb.link_table())   # then netlink events keep it current
         self.load_all()
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
+        self.vanished |= self._pods_without_link()   # containers deleted while the daemon was down
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         try:   # before dataplane_ready: a node that says it is ready answers names too
             self.dns.start(self.store, self.store_url)   # names follow the store on their own watch
@@ -374,6 +377,9 @@ class Daemon:
                 self._dispatch(ev.key, ev.value if ev.type == "put" else None)
         elif kind == "link":
             self.model.set_link(*payload)
+            ifname, link = payload
+            if link is None and ifname in self.model.pod_by_ifname:
+                self.vanished.add(self.model.pod_by_ifname[ifname])
         elif kind == "relist":
             self._relist()
 
@@ -427,6 +433,9 @@ class Daemon:
                 if time.monotonic() - self.last_drift >= DRIFT_SECONDS:
                     self.last_drift = time.monotonic()
                     self.drift_check()
+                    self.vanished |= self._pods_without_link()   # a netns that died after its veth did
+                if self.vanished:
+                    self.release_forgotten()
                 self.renew_lease_if_due()
                 if self.reload_requested:
                     self.reload_requested = False
@@ -444,6 +453,21 @@ class Daemon:
                 time.sleep(1)
         self.close()
         log.info("daemon_stopped", note="programs stay attached, maps stay pinned")
+
+    def _pods_without_link(self) -> set[str]:
+        return {p.name for p in orphans.forgotten(self.model.pods.values(), self.model.links, lambda _: False,
+                                                  self.node_name)}
+
+    def release_forgotten(self) -> None:
+        """CNI pods whose veth and netns are gone without a DEL (`ctr task delete`) are released
+        as DEL would release them (ctl/runtimes/cni/orphans.py); kept for the next round when
+        the store is away."""
+        names, self.vanished = self.vanished, set()
+        try:
+            orphans.release_forgotten(self.store, self.node_name, names)
+        except (AtomnetError, StoreError) as exc:
+            log.warning("forgotten_pods_release_failed", pods=sorted(names), error=str(exc))
+            self.vanished |= names
 
     def _reload(self, signum, _frame):
         log.info("signal", signal="SIGHUP")

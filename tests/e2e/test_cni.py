@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.e2e.cni_rig import IMAGE, CniNode, Containerd, Podman, build_rootfs_tar, image_archive, require_runtimes
-from tests.e2e.rig import in_pod, sh
+from tests.e2e.rig import REPO, in_pod, sh
 from tests.e2e.test_forwards import wait_frontend
 
 HELLO = "hello from atomnet"
@@ -96,6 +97,33 @@ def test_podman_containers_pods_service_host_port_and_rm(rig, cluster):
     node.wait_endpoint(web["ip"], present=False)
 
 
+def test_twenty_podman_containers_started_at_once_all_get_distinct_addresses_and_work(rig, cluster):
+    """Issue 11's "20 containers started at once on one node": 20 concurrent `podman run -d`
+    (20 plugin processes racing for addresses and host interface names), each serving its own
+    name; one client fetches all 20; `podman rm -f` of all leaves nothing."""
+    node, _, podman = cluster("n1")
+    names = [f"m{rig.uid}-{i}" for i in range(20)]
+    serve = "mkdir -p /w && echo {0} > /w/index.html && exec httpd -f -p 80 -h /w"
+    with ThreadPoolExecutor(20) as pool:
+        runs = list(pool.map(lambda n: podman.run("-d", "--name", n, "--network", "atomnet", IMAGE, "sh", "-c",
+                                                  serve.format(n), check=False, timeout=240), names))
+    assert [r.returncode for r in runs] == [0] * 20, [r.stderr for r in runs if r.returncode]
+    pods = [pod_of(node, r.stdout.strip().splitlines()[-1]) for r in runs]
+    ips = [p["ip"] for p in pods]
+    assert len(set(ips)) == 20, ips
+    assert len({p["host_ifname"] for p in pods}) == 20
+    wait_endpoints(node, set(ips))
+    fetch_all = " && ".join(WGET_RETRY.format(url=f"http://{ip}/") for ip in ips)
+    out = podman.run("--rm", "--network", "atomnet", IMAGE, "sh", "-c", fetch_all, check=False, timeout=240)
+    assert out.stdout.split() == names, out.stdout + out.stderr
+    podman("rm", "-f", "-t", "0", *names, timeout=240)
+    assert [p for p in node.atomnet_json("pod", "list") if p["runtime"] == "cni"] == []
+    links = node.exec("ip", "-o", "link", "show").stdout
+    assert not [p["host_ifname"] for p in pods if f" {p['host_ifname']}@" in links]
+    assert not [ip for ip in ips if ipam_holder(rig, ip)], "every address is free again"
+    assert node.atomnet_json("forward", "list") == []
+
+
 def test_podman_containers_across_two_nodes(rig, cluster):
     n1, _, pm1 = cluster("n1")
     n2, _, pm2 = cluster("n2")
@@ -152,18 +180,42 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
         assert pod["name"] == "default-c2" and pod["netns"].startswith("/proc/")
         node.wait_endpoint(pod["ip"])
         assert in_pod(peer["name"], "ping", "-c", "1", "-W", "2", pod["ip"], check=False).returncode == 0
+        # a host port owned by the container, as a portMappings capability makes it (ctr has no -p)
+        owned_forward(node, pod["name"], 80, 18081)
+        assert [f["owner"] for f in node.atomnet_json("forward", "list")] == [pod["name"]]
         ctrd.ctr("task", "kill", "-s", "SIGKILL", "c2")
         ctrd.wait_stopped("c2")   # kill only signals: delete refuses a task not yet stopped
         ctrd.ctr("task", "delete", "c2")
         ctrd.ctr("container", "delete", "c2")
-        # ctr 1.6 runs CNI only in `ctr run` (ADD, and DEL with --rm): `task delete` leaves the
-        # pod recorded. CNI's answer for a runtime that lost track is GC (1.1): nothing is valid now.
-        assert [p["name"] for p in node.atomnet_json("pod", "list") if p["runtime"] == "cni"] == ["default-c2"]
-        gc = cni.plugin_conf("1.1.0", **{"cni.dev/valid-attachments": []})
-        assert cni.call("GC", conf=gc) == (0, None)
-        assert traces(node, pod) == {"pods": [], "forwards": [], "links": []}
+        # ctr 1.6 runs CNI only in `ctr run` (ADD, and DEL with --rm). Nothing holds a `ctr run
+        # --cni` netns (/proc/PID/ns/net) but the task's process: once it died the kernel deleted
+        # the veth with the netns (seen already after the kill), and the daemon released the pod
+        # as DEL would
+        deadline = time.monotonic() + 30
+        while traces(node, pod) != {"pods": [], "forwards": [], "links": []}:
+            assert time.monotonic() < deadline, traces(node, pod)
+            time.sleep(0.1)
+        assert not ipam_holder(rig, pod["ip"]), "the address is free again"
+        assert node.log_count("cni_pod_released") == 1
     finally:
         ctrd.teardown()
+
+
+def owned_forward(node, pod: str, port: int, host_port: int) -> None:
+    """A forward owned by the pod, made in the node's namespace the way the plugin makes one."""
+    code = ("import sys; from ctl.node.forwards import add_forward; from ctl.state.store import open_store\n"
+            "with open_store(sys.argv[1]) as s: add_forward(s, sys.argv[2], sys.argv[3], sys.argv[4], None, 'tcp', "
+            "owner=sys.argv[5])")
+    subprocess.run(node.nsenter + [sys.executable, "-c", code, node.rig.store, node.name, f"{pod}:{port}",
+                                   str(host_port), pod], check=True, env=node.env(), cwd=REPO, timeout=60)
+
+
+def ipam_holder(rig, ip: str) -> str | None:
+    from ctl.state.model import IPAM_PREFIX
+    from ctl.state.store import open_store
+    with open_store(rig.store) as store:
+        kv = store.get(IPAM_PREFIX + ip)
+    return kv.value if kv else None
 
 
 def build_www(tmp_path):
