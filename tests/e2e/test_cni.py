@@ -108,7 +108,8 @@ def test_twenty_podman_containers_started_at_once_all_get_distinct_addresses_and
         runs = list(pool.map(lambda n: podman.run("-d", "--name", n, "--network", "atomnet", IMAGE, "sh", "-c",
                                                   serve.format(n), check=False, timeout=240), names))
     assert [r.returncode for r in runs] == [0] * 20, [r.stderr for r in runs if r.returncode]
-    pods = [pod_of(node, r.stdout.strip().splitlines()[-1]) for r in runs]
+    by_container = {p["container_id"]: p for p in node.atomnet_json("pod", "list")}
+    pods = [by_container[r.stdout.strip().splitlines()[-1]] for r in runs]
     ips = [p["ip"] for p in pods]
     assert len(set(ips)) == 20, ips
     assert len({p["host_ifname"] for p in pods}) == 20
@@ -116,11 +117,13 @@ def test_twenty_podman_containers_started_at_once_all_get_distinct_addresses_and
     fetch_all = " && ".join(WGET_RETRY.format(url=f"http://{ip}/") for ip in ips)
     out = podman.run("--rm", "--network", "atomnet", IMAGE, "sh", "-c", fetch_all, check=False, timeout=240)
     assert out.stdout.split() == names, out.stdout + out.stderr
-    podman("rm", "-f", "-t", "0", *names, timeout=240)
+    with ThreadPoolExecutor(20) as pool:   # at once too (one `rm` of all runs their DELs one by one)
+        rms = list(pool.map(lambda n: podman("rm", "-f", "-t", "0", n, check=False, timeout=240), names))
+    assert [r.returncode for r in rms] == [0] * 20, [r.stderr for r in rms if r.returncode]
     assert [p for p in node.atomnet_json("pod", "list") if p["runtime"] == "cni"] == []
     links = node.exec("ip", "-o", "link", "show").stdout
     assert not [p["host_ifname"] for p in pods if f" {p['host_ifname']}@" in links]
-    assert not [ip for ip in ips if ipam_holder(rig, ip)], "every address is free again"
+    assert not ipam_holder(rig, *ips), "every address is free again"
     assert node.atomnet_json("forward", "list") == []
 
 
@@ -172,7 +175,8 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
                        check=False, timeout=120)
         assert out.returncode == 0 and HELLO in out.stdout, out.stdout + out.stderr
         assert "10.244." in out.stdout
-        # --rm: ctr ran the DEL when the task ended
+        # --rm: ctr ran the DEL when the task ended (or the daemon released the pod first, its
+        # netns having died with the task: then that DEL found nothing, which is fine)
         assert not [p for p in node.atomnet_json("pod", "list") if p["runtime"] == "cni"]
         # detached, then the task deleted the way the issue says
         ctrd.ctr("run", "-d", "--snapshotter", "native", "--cni", IMAGE, "c2", "sleep", "300", cni_dirs=True)
@@ -196,7 +200,8 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
             assert time.monotonic() < deadline, traces(node, pod)
             time.sleep(0.1)
         assert not ipam_holder(rig, pod["ip"]), "the address is free again"
-        assert node.log_count("cni_pod_released") == 1
+        released = [line for line in node.log_path.read_text().splitlines() if '"event": "cni_pod_released"' in line]
+        assert [line for line in released if '"pod": "default-c2"' in line], released
     finally:
         ctrd.teardown()
 
@@ -210,12 +215,13 @@ def owned_forward(node, pod: str, port: int, host_port: int) -> None:
                                    str(host_port), pod], check=True, env=node.env(), cwd=REPO, timeout=60)
 
 
-def ipam_holder(rig, ip: str) -> str | None:
+def ipam_holder(rig, *ips: str) -> dict[str, str]:
+    """Who holds these addresses in the store ({} when all are free)."""
     from ctl.state.model import IPAM_PREFIX
     from ctl.state.store import open_store
     with open_store(rig.store) as store:
-        kv = store.get(IPAM_PREFIX + ip)
-    return kv.value if kv else None
+        kvs = {ip: store.get(IPAM_PREFIX + ip) for ip in ips}
+    return {ip: kv.value for ip, kv in kvs.items() if kv}
 
 
 def build_www(tmp_path):
