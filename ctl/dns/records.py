@@ -298,13 +298,15 @@ class NameIndex:
                 if not keys:
                     del self._depends[name]
 
-    def _docker_alias(self, key: str, pod_name: str) -> str | None:
-        """The Docker name pod_name is also answered by (for the records of `key`), or None."""
-        self._need(key, pod_name)
-        try:
-            pod = Pod.from_json(self._raw[PODS_PREFIX + pod_name])
-        except Exception:   # no such pod (a forward outliving it) or a malformed one: no alias
-            return None
+    def _docker_alias(self, key: str, pod_name: str, pod: Pod | None = None) -> str | None:
+        """The Docker name pod_name is also answered by (for the records of `key`: the pod's
+        own, given parsed, or a forward's), or None."""
+        if pod is None:
+            self._need(key, pod_name)
+            try:
+                pod = Pod.from_json(self._raw[PODS_PREFIX + pod_name])
+            except Exception:   # no such pod (a forward outliving it) or a malformed one: no alias
+                return None
         alias = str((pod.labels or {}).get(DOCKER_NAME_LABEL, "")).lower()
         if pod.runtime != DOCKER_RUNTIME or not _LABEL.match(alias) or alias == pod.name.lower():
             return None
@@ -317,7 +319,7 @@ class NameIndex:
             pod = Pod.from_json(value)
             name = self._name(pod.name, "pod")
             recs = [(name, A, pod.ip, pt), (reverse_name(pod.ip), PTR, name, pt)]
-            alias = self._docker_alias(key, pod.name)
+            alias = self._docker_alias(key, pod.name, pod)
             if alias:
                 recs.append((self._name(alias, "pod"), A, pod.ip, pt))
             return recs

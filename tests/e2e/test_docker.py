@@ -220,11 +220,14 @@ def test_two_docker_hosts_across_the_overlay(rig, docker_hosts):
                                        check=False).stdout.strip() == "pub", "the advertised address from outside")
 
     # a removed container stops resolving (NXDOMAIN from the cluster DNS, asked from n1)
+    def lookup_web2() -> str:
+        res = h1.docker("run", "--rm", "--network", "atomnet", IMAGE, "nslookup", "web2.pod.cluster.local.",
+                        check=False)
+        return res.stdout + res.stderr
+    assert f"Address: {ip2}" in lookup_web2()
     h2.docker("rm", "-f", "web2")
-    assert wait_until(lambda: "NXDOMAIN" in h1.docker("run", "--rm", "--network", "atomnet", IMAGE, "nslookup",
-                                                      "web2.pod.cluster.local", check=False).stdout
-                      + h1.docker("run", "--rm", "--network", "atomnet", IMAGE, "nslookup",
-                                  "web2.pod.cluster.local", check=False).stderr, "web2 gone from the DNS", timeout=30)
+    wait_until(lambda: (lambda out: "NXDOMAIN" in out and ip2 not in out)(lookup_web2()), "web2 gone from the DNS",
+               timeout=30)
 
 
 def wait_docker_name(host: DockerHost, name: str) -> None:
