@@ -43,12 +43,12 @@ from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
 from .dns.service import DnsService
 from .errors import AtomnetError
 from .observe.metrics import Metrics
-from .runtimes.cni import orphans
 from .dataplane.reconcile import Reconciler
 from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
                           SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError,
                           parse_port_range)
 from .state import validate
+from .runtimes.cni import orphans
 from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
