@@ -119,12 +119,12 @@ class NameIndex:
         self._lock = threading.Lock()
         self._raw: dict[str, str] = {}                  # store key -> value, for the prefixes above
         self._owned: dict[str, list[tuple]] = {}        # store key -> the records it contributed
+        self._depends: dict[str, set[str]] = {}         # pod name -> keys whose records depend on that pod
+        self._dep_of: dict[str, set[str]] = {}          # key -> the pod names it depends on
         self._data: dict[str, dict[int, Counter]] = {}  # name -> type -> rdata text -> refcount
         self._ttl: dict[tuple, int] = {}                # (name, type) -> ttl
         self._rrsets: dict[tuple, dns.rrset.RRset] = {}  # (name, type) -> built rrset (cache)
         self._below: Counter = Counter()                # name -> names with records at or below it
-        self._depends: dict[str, set[str]] = {}         # pod name -> keys whose records depend on that pod
-        self._dep_of: dict[str, set[str]] = {}          # key -> the pod names it depends on
         self.generation = 0                             # bumped on every change (the server's answer cache key)
         self._serial = int(time.time())
         self._set_config(ClusterConfig(), None)
@@ -248,9 +248,9 @@ class NameIndex:
                 net = NetworkConfig.from_json(self._raw[NETWORK_CONFIG_KEY])
         except Exception as exc:   # a malformed config must not take the names down
             log.warning("dns_config_malformed", error=str(exc))
+        self._depends, self._dep_of = {}, {}
         self._set_config(cfg, net)
         self._owned, self._data, self._ttl, self._rrsets, self._below = {}, {}, {}, {}, Counter()
-        self._depends, self._dep_of = {}, {}
         self._add_static()
         for key in sorted(self._raw, key=lambda k: not k.startswith(NODES_PREFIX)):   # nodes first
             self._refresh(key)
