@@ -36,13 +36,24 @@ static __always_inline void ct_key_of_quoted(struct ct_key *k, const struct iphd
 	k->dir = dir;
 }
 
+/* How long the entry has been quiet. Signed: another CPU's packet of the same flow may
+ * have stamped last_seen_ns after this CPU read `now` (both directions stamp both entries
+ * of a masqueraded flow), and an unsigned difference would wrap to ~2^64 there: a live
+ * flow "expired" (issue 14's iperf3 resets). Such an entry is fresh: age 0. */
+static __always_inline __u64 ct_age(const struct ct_entry *ct, __u64 now)
+{
+	__s64 age = (__s64)(now - ct->last_seen_ns);
+
+	return age > 0 ? (__u64)age : 0;
+}
+
 static __always_inline int ct_expired(const struct ct_entry *ct, __u64 now, __u8 proto)
 {
 	__u64 timeout = CT_TIMEOUT_OTHER;
 
 	if (proto == IPPROTO_TCP)
 		timeout = ct->flags & CT_F_CLOSING ? CT_TIMEOUT_CLOSING : CT_TIMEOUT_TCP;
-	return now - ct->last_seen_ns > timeout;
+	return ct_age(ct, now) > timeout;
 }
 
 /* A new SYN on a tuple whose previous connection closed starts a new flow (port reuse). */

@@ -8,6 +8,7 @@ the port the program chose, checked to be inside the range."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, IPerror, TCP, UDP, UDPerror, fragment
@@ -301,3 +302,32 @@ def test_the_nodes_own_flow_in_the_range_is_never_disturbed(harness):
     # and ordinary replies to the node's ports (outside the range) are never looked at
     reply = bytes(Ether(src=GW_MAC, dst=UP_MAC) / IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=40000, flags="SA"))
     assert harness.run("from_netdev", reply, ingress_ifindex=UPLINK) == (TC_ACT_OK, reply)
+
+
+def _touch_later(h, seconds: float) -> None:
+    """Both entries of every masqueraded flow touched `seconds` after now, the way another
+    CPU's packet of the same flow stamps them (its bpf_ktime_get_ns read after ours)."""
+    later = time.monotonic_ns() + int(seconds * 1e9)   # bpf_ktime_get_ns is CLOCK_MONOTONIC
+    for k, v in list(h.maps["conntrack"].items()):
+        if k.dir in (CtDir.CT_SNAT_OUT, CtDir.CT_SNAT_IN):
+            v.last_seen_ns = later
+            h.maps["conntrack"].put(k, v)
+
+
+def test_an_entry_touched_by_another_cpu_after_our_clock_read_is_alive(harness):
+    """Issue 14's iperf3 resets: at 19 Gbit/s the data (to_netdev) and the ACKs (from_netdev)
+    of one flow run on both CPUs, and each stamps both entries. A CPU that read its clock
+    before the other CPU's stamp saw `now - last_seen` wrap below zero to ~2^64: "expired".
+    to_netdev then gave the live flow a new port (the server answered that port with RST,
+    delivered to the pod's socket) and from_netdev passed the ACK to the node's stack (which
+    has no such socket: RST to the server)."""
+    configure(harness)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40100, dport=5201, flags="S"))
+    port = nat_port(out)
+    _touch_later(harness, 0.5)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40100, dport=5201, flags="A", seq=2))
+    assert rc == TC_ACT_OK and nat_port(out) == port, "the live flow keeps its port"
+    assert harness.counter(CounterId.CTR_SNAT_NEW) == 1
+    _touch_later(harness, 0.5)
+    rc, got = ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=5201, dport=port, flags="A", ack=2))
+    assert rc == TC_ACT_REDIRECT and Ether(got)[IP].dst == A["ip"] and Ether(got)[TCP].dport == 40100
