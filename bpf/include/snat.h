@@ -178,6 +178,14 @@ static __always_inline int snat_ended(const struct ct_entry *in)
 	       ((in->flags & CT_F_RST) || (in->flags & (CT_F_FIN_OUT | CT_F_FIN_IN)) == (CT_F_FIN_OUT | CT_F_FIN_IN));
 }
 
+/* A host port forward or NodePort on the node's address owns that port. */
+static __always_inline int snat_port_published(__be32 node, __be16 port, __u8 proto)
+{
+	struct service_key sk = { .vip = node, .port = port, .proto = proto };
+
+	return proto != IPPROTO_ICMP && bpf_map_lookup_elem(&services, &sk) != NULL;
+}
+
 /*
  * Claims the node port of key ik for the new flow f (entry `fresh`): 0 when it is ours.
  * Absent: inserted with BPF_NOEXIST (of two CPUs, one wins). Present: taken over when
@@ -187,6 +195,8 @@ static __always_inline int snat_ended(const struct ct_entry *in)
  * compare-and-swap of the stamp the decision was made on: of several CPUs only one
  * succeeds, and the claim then looks fresh to the others. (A delete then an insert
  * would let a second CPU that saw the same old claim delete the first one's new claim.)
+ * A published port is never claimed; that lookup comes last, as most candidates of a busy
+ * range fail on their claim first.
  */
 static __always_inline int snat_claim(struct ct_key *ik, const struct ct_entry *fresh, __u64 now,
 				      const struct flow *f, int ended_too)
@@ -195,14 +205,16 @@ static __always_inline int snat_claim(struct ct_key *ik, const struct ct_entry *
 	__u64 seen, quiet;
 
 	if (!in)
-		return bpf_map_update_elem(&conntrack, ik, fresh, BPF_NOEXIST);
+		return snat_port_published(ik->daddr, ik->dport, ik->proto) ? -1 :
+		       bpf_map_update_elem(&conntrack, ik, fresh, BPF_NOEXIST);
 	seen = *(volatile __u64 *)&in->last_seen_ns;
 	quiet = ct_quiet_for(seen, now);
 	if (quiet <= ct_timeout(in, f->proto) &&
 	    !(ended_too && f->proto == IPPROTO_TCP && (f->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN &&
 	      snat_ended(in) && quiet >= SNAT_REUSE_QUIET_NS))
 		return -1;
-	if (__sync_val_compare_and_swap(&in->last_seen_ns, seen, now) != seen)
+	if (snat_port_published(ik->daddr, ik->dport, ik->proto) ||
+	    __sync_val_compare_and_swap(&in->last_seen_ns, seen, now) != seen)
 		return -1;	/* another CPU took it, or the old connection sent a packet */
 	in->created_ns = now;
 	in->nat_ip = fresh->nat_ip;
@@ -211,14 +223,6 @@ static __always_inline int snat_claim(struct ct_key *ik, const struct ct_entry *
 	in->packets = 0;
 	in->bytes = 0;
 	return 0;
-}
-
-/* A host port forward or NodePort on the node's address owns that port. */
-static __always_inline int snat_port_published(__be32 node, __be16 port, __u8 proto)
-{
-	struct service_key sk = { .vip = node, .port = port, .proto = proto };
-
-	return proto != IPPROTO_ICMP && bpf_map_lookup_elem(&services, &sk) != NULL;
 }
 
 /* A new flow: claim a free node port (hash-derived candidates, as Cilium), then both entries. */
@@ -241,8 +245,6 @@ static __always_inline enum snat_result snat_new_flow(struct __sk_buff *skb, str
 		__be16 cand = bpf_htons((__u16)(cfg->snat_port_min + mix32(h + i) % span));
 
 		snat_in_key(&ik, f->daddr, f->dport, cfg->masq_ip, cand, f->proto);
-		if (snat_port_published(cfg->masq_ip, cand, f->proto))
-			continue;
 		if (snat_claim(&ik, &in, now, f, i >= SNAT_FREE_TRIES) == 0) {
 			port = cand;
 			break;
