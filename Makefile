@@ -12,6 +12,8 @@ BPF_HDRS := $(wildcard $(BPF_DIR)/include/*.h)
 BPF_OBJS := $(patsubst $(BPF_DIR)/%.c,$(OBJDIR)/%.o,$(BPF_SRC))
 CLANG    ?= clang
 BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
+# to_netdev claims masquerade ports with a compare-and-swap (BPF atomics: -mcpu=v3, kernel >= 5.12)
+BPF_CFLAGS_to_netdev := -mcpu=v3
 
 # Debian packages: build toolchain, bcc's Python bindings, and what tests/demo run.
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 \
@@ -62,7 +64,7 @@ $(MAGLEV_SO): ctl/dataplane/native/maglev.c
 $(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
 	@command -v $(CLANG) >/dev/null || { echo "clang not found: apt-get install clang llvm" >&2; exit 1; }
 	@mkdir -p $(OBJDIR)
-	$(CLANG) $(BPF_CFLAGS) $(EXTRA_BPF_CFLAGS) -c $< -o $@
+	$(CLANG) $(BPF_CFLAGS) $(BPF_CFLAGS_$*) $(EXTRA_BPF_CFLAGS) -c $< -o $@
 
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/prog tests/e2e tests/bench/test_smoke.py

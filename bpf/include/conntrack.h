@@ -36,13 +36,27 @@ static __always_inline void ct_key_of_quoted(struct ct_key *k, const struct iphd
 	k->dir = dir;
 }
 
+/* How long an entry stamped at last_seen has been quiet. Signed: another CPU's packet of
+ * the same flow may have stamped it after this CPU read `now` (both directions stamp both
+ * entries of a masqueraded flow), and an unsigned difference would wrap to ~2^64 there: a
+ * live flow "expired" (issue 14's iperf3 resets). Such an entry is fresh: quiet for 0. */
+static __always_inline __u64 ct_quiet_for(__u64 last_seen, __u64 now)
+{
+	__s64 quiet = (__s64)(now - last_seen);
+
+	return quiet > 0 ? (__u64)quiet : 0;
+}
+
+static __always_inline __u64 ct_timeout(const struct ct_entry *ct, __u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return ct->flags & CT_F_CLOSING ? CT_TIMEOUT_CLOSING : CT_TIMEOUT_TCP;
+	return CT_TIMEOUT_OTHER;
+}
+
 static __always_inline int ct_expired(const struct ct_entry *ct, __u64 now, __u8 proto)
 {
-	__u64 timeout = CT_TIMEOUT_OTHER;
-
-	if (proto == IPPROTO_TCP)
-		timeout = ct->flags & CT_F_CLOSING ? CT_TIMEOUT_CLOSING : CT_TIMEOUT_TCP;
-	return now - ct->last_seen_ns > timeout;
+	return ct_quiet_for(ct->last_seen_ns, now) > ct_timeout(ct, proto);
 }
 
 /* A new SYN on a tuple whose previous connection closed starts a new flow (port reuse). */

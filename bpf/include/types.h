@@ -147,6 +147,9 @@ struct ct_key {
 #define CT_F_SEEN_REPLY 4		/* the backend answered */
 #define CT_F_SNAT 8			/* from outside to a remote backend: source is this node */
 #define CT_F_HOST 16			/* CT_SNAT_IN: the node's own flow holds this port (never translated) */
+#define CT_F_FIN_OUT 32			/* CT_SNAT_IN: the pod sent FIN */
+#define CT_F_FIN_IN 64			/* CT_SNAT_IN: the remote sent FIN */
+#define CT_F_RST 128			/* CT_SNAT_IN: either side sent RST */
 
 struct ct_entry {
 	__u64 created_ns;		/* bpf_ktime_get_ns (CLOCK_MONOTONIC) */

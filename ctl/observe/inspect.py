@@ -183,9 +183,11 @@ _CT_DIR_NAMES = {0: "forward", 1: "reply", 2: "snat_out", 3: "snat_in"}
 
 
 def _ct_flags(bits: int) -> list[str]:
-    from ..dataplane.bpf.types import CT_F_CLOSING, CT_F_HAIRPIN, CT_F_HOST, CT_F_SEEN_REPLY, CT_F_SNAT
+    from ..dataplane.bpf.types import (CT_F_CLOSING, CT_F_FIN_IN, CT_F_FIN_OUT, CT_F_HAIRPIN, CT_F_HOST, CT_F_RST,
+                                       CT_F_SEEN_REPLY, CT_F_SNAT)
     return [n for bit, n in ((CT_F_CLOSING, "closing"), (CT_F_HAIRPIN, "hairpin"), (CT_F_SEEN_REPLY, "seen_reply"),
-                             (CT_F_SNAT, "snat"), (CT_F_HOST, "host")) if bits & bit]
+                             (CT_F_SNAT, "snat"), (CT_F_HOST, "host"), (CT_F_FIN_OUT, "fin_out"),
+                             (CT_F_FIN_IN, "fin_in"), (CT_F_RST, "rst")) if bits & bit]
 
 
 def snat_list(loader: Loader) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -163,6 +164,53 @@ def test_2000_concurrent_connections_from_four_pods(net):
     for p, r in results:
         assert (r["opened"], r["ok"], r["failed"]) == (per_pod, per_pod, 0), r
         assert r["by_body"] == {nodes[p["node"]]: per_pod}, r
+
+
+
+CRR = Path(__file__).resolve().parents[1] / "bench" / "crr.py"
+IPERF_PORT = 5201
+LOAD_SECONDS = 15   # before the fix, failures came in most such runs on a quiet machine
+
+
+def _iperf3(pod: str, host: str) -> str:
+    """One 1 s iperf3 run with data both ways (a control and two data connections to one
+    destination, each direction's packets stamping both entries on both CPUs): "" or its error."""
+    res = in_pod(pod, "iperf3", "-c", host, "-p", IPERF_PORT, "-t", "1", "--bidir", "-J", check=False, timeout=30)
+    try:
+        doc = json.loads(res.stdout)
+    except ValueError:
+        return (res.stderr or res.stdout).strip()[-200:] or f"exit {res.returncode}"
+    return doc.get("error", "") if "sum_received" in doc.get("end", {}) else doc.get("error", "no result")
+
+
+def test_long_and_short_flows_from_one_pod_never_reset(rig, net):
+    """Issue 14's load shape, from one pod: back-to-back iperf3 runs (long, fast flows whose
+    data and ACKs are masqueraded on both CPUs at once) to a host on the underlay, and at
+    the same time RST-closed short connections to ONE destination that keep retaking masquerade ports.
+    Before the fix, one CPU's clock read older than the other CPU's stamp made a live
+    entry look expired: iperf3 was reset in most runs, crr lost connections. 0 allowed."""
+    rt, pod = net["rt"], net["pods"]["b1"]["name"]
+    iperf = rig.spawn(subprocess.Popen(["ip", "netns", "exec", rt.netns, "iperf3", "-s", "-p", str(IPERF_PORT)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_listening(rt.netns, IPERF_PORT)
+    crr = rig.spawn(spawn_in_pod(pod, "/usr/bin/python3", CRR, WORLD, "80", LOAD_SECONDS, "--warmup", "0", "--procs", "2"))
+    errors, runs, deadline = [], 0, time.monotonic() + LOAD_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            runs += 1
+            if err := _iperf3(pod, rt.ip):
+                errors.append(err)
+        r = json.loads(crr.communicate(timeout=60)[0])
+    finally:
+        for proc in (crr, iperf):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    failures = {"iperf3 runs failed": len(errors), "connections failed": r["failed"],
+                "SYN retransmissions": r["syn_retrans"]}
+    assert not any(failures.values()), f"{failures} of {runs} iperf3 runs, {r}; {errors[:2]}"
+    assert runs >= 5 and r["connections"] > 1000, (runs, r)
+    assert stats(net["n1"])["snat_port_exhausted"] == 0
 
 
 SEND_DF = f"""

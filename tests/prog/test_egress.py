@@ -8,6 +8,7 @@ the port the program chose, checked to be inside the range."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, IPerror, TCP, UDP, UDPerror, fragment
@@ -71,6 +72,17 @@ def nat_port(out: bytes) -> int:
     return port
 
 
+def _stamp(h, seconds: float) -> None:
+    """Both entries of every masqueraded flow last stamped `seconds` from now: in the past
+    (a quiet flow), or in the future, the way another CPU's packet of the same flow stamps
+    them (its bpf_ktime_get_ns read after ours)."""
+    at = time.monotonic_ns() + int(seconds * 1e9)   # bpf_ktime_get_ns is CLOCK_MONOTONIC
+    for k, v in list(h.maps["conntrack"].items()):
+        if k.dir in (CtDir.CT_SNAT_OUT, CtDir.CT_SNAT_IN):
+            v.last_seen_ns = at
+            h.maps["conntrack"].put(k, v)
+
+
 def ct_entries(h, direction: CtDir):
     return [(k.to_dict(), v.to_dict()) for k, v in h.maps["conntrack"].items() if k.dir == direction]
 
@@ -103,9 +115,12 @@ def test_tcp_fin_closes_both_entries(harness):
     assert all(v["flags"] & CT_F_CLOSING for d in (CtDir.CT_SNAT_OUT, CtDir.CT_SNAT_IN) for _, v in ct_entries(harness, d))
 
 
-def test_a_closed_port_serves_a_new_connection_at_once(harness):
+def test_an_ended_connections_port_is_retaken_once_it_has_been_quiet(harness):
     """RST-closed connections would otherwise hold their ports for 10 s: at thousands of
-    connections/s the range would run out. A new SYN may take a closing port."""
+    connections/s to one destination the range would run out, so a new SYN may take the
+    port of a connection that ended. Not at once: the old connection's RST may still be on
+    its way (a SYN masqueraded on the other CPU can overtake it and meet the server's old
+    socket), so only after SNAT_REUSE_QUIET_NS (100 ms) without a packet."""
     configure(harness, lo=61000, hi=61000)
     rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40010, dport=80, flags="S"))
     assert rc == TC_ACT_OK and nat_port(out) == 61000
@@ -113,9 +128,35 @@ def test_a_closed_port_serves_a_new_connection_at_once(harness):
     assert rc == TC_ACT_SHOT, "open: the port is taken"
     egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40010, dport=80, flags="R"))
     rc, out, _ = egress(harness, IP(src=B["ip"], dst=WORLD) / TCP(sport=40011, dport=80, flags="S"))
+    assert rc == TC_ACT_SHOT, "reset a moment ago: not yet"
+    _stamp(harness, -0.2)
+    rc, out, _ = egress(harness, IP(src=B["ip"], dst=WORLD) / TCP(sport=40011, dport=80, flags="S"))
     assert rc == TC_ACT_OK and nat_port(out) == 61000
     rc, got = ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=61000, flags="SA"))
     assert Ether(got)[IP].dst == B["ip"] and Ether(got)[TCP].dport == 40011
+    assert harness.counter(CounterId.CTR_SNAT_PORT_EXHAUSTED) == 2
+
+
+def test_a_half_closed_connections_port_is_never_retaken(harness):
+    """A FIN from one side ends only that direction: the other side may keep sending for as
+    long as it likes (an HTTP/1.0 client that shut its side after the request, a slow
+    server). Its port is retaken only once both sides sent FIN (or it expires)."""
+    configure(harness, lo=61000, hi=61000)
+    egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40020, dport=80, flags="S"))
+    ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=61000, flags="SA"))
+    egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40020, dport=80, flags="FA"))
+    _stamp(harness, -0.2)
+    rc, _, _ = egress(harness, IP(src=B["ip"], dst=WORLD) / TCP(sport=40021, dport=80, flags="S"))
+    assert rc == TC_ACT_SHOT, "the remote still sends on it"
+    rc, got = ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=61000, flags="PA") / Raw(b"late answer"))
+    assert rc == TC_ACT_REDIRECT and Ether(got)[IP].dst == A["ip"] and Ether(got)[TCP].dport == 40020
+    ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=61000, flags="FA"))
+    egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40020, dport=80, flags="A"))
+    _stamp(harness, -0.2)
+    rc, out, _ = egress(harness, IP(src=B["ip"], dst=WORLD) / TCP(sport=40021, dport=80, flags="S"))
+    assert rc == TC_ACT_OK and nat_port(out) == 61000, "finished both ways: retaken"
+    (_, claim), = ct_entries(harness, CtDir.CT_SNAT_IN)
+    assert (claim["nat_ip"], claim["nat_port"], claim["flags"]) == (B["ip"], 40021, 0)
 
 
 def test_udp_snat_checksum_and_zero_checksum(harness):
@@ -301,3 +342,24 @@ def test_the_nodes_own_flow_in_the_range_is_never_disturbed(harness):
     # and ordinary replies to the node's ports (outside the range) are never looked at
     reply = bytes(Ether(src=GW_MAC, dst=UP_MAC) / IP(src=WORLD, dst=NODE) / TCP(sport=80, dport=40000, flags="SA"))
     assert harness.run("from_netdev", reply, ingress_ifindex=UPLINK) == (TC_ACT_OK, reply)
+
+
+
+
+def test_an_entry_touched_by_another_cpu_after_our_clock_read_is_alive(harness):
+    """Issue 14's iperf3 resets: at 19 Gbit/s the data (to_netdev) and the ACKs (from_netdev)
+    of one flow run on both CPUs, and each stamps both entries. A CPU that read its clock
+    before the other CPU's stamp saw `now - last_seen` wrap below zero to ~2^64: "expired".
+    to_netdev then gave the live flow a new port (the server answered that port with RST,
+    delivered to the pod's socket) and from_netdev passed the ACK to the node's stack (which
+    has no such socket: RST to the server)."""
+    configure(harness)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40100, dport=5201, flags="S"))
+    port = nat_port(out)
+    _stamp(harness, 0.5)
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=40100, dport=5201, flags="A", seq=2))
+    assert rc == TC_ACT_OK and nat_port(out) == port, "the live flow keeps its port"
+    assert harness.counter(CounterId.CTR_SNAT_NEW) == 1
+    _stamp(harness, 0.5)
+    rc, got = ingress(harness, IP(src=WORLD, dst=NODE) / TCP(sport=5201, dport=port, flags="A", ack=2))
+    assert rc == TC_ACT_REDIRECT and Ether(got)[IP].dst == A["ip"] and Ether(got)[TCP].dport == 40100

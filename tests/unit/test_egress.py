@@ -2,9 +2,12 @@
 chosen outside the node's ephemeral and NodePort ranges, and what the daemon programs
 (config flags, the snat_exclude LPM, to_netdev on the uplink)."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
+from ctl.dataplane.bpf import types
 from ctl.dataplane.bpf.types import CFG_F_MASQUERADE, SnatExcludeKind
 from ctl.dataplane.desired import compute
 from ctl.node.netplumb import LinkInfo
@@ -93,3 +96,11 @@ def test_masquerade_settings_stored_and_changed_by_a_later_init(tmp_path):
     assert shown["no_masquerade_cidrs"] == ["192.168.0.0/16"], "a refused init changes nothing"
     res = atomnet("network", "init", "--cidr", "10.244.0.0/16", "--masquerade", "maybe", store=store)
     assert res.returncode == 2
+
+
+def test_conntrack_flag_bits_mirror_types_h():
+    """The CT_F_* bits exist once in C (types.h) and once in Python (types.py, which ct list
+    names them by): the two must agree."""
+    header = (Path(__file__).resolve().parents[2] / "bpf" / "include" / "types.h").read_text()
+    in_c = {name: int(value) for name, value in re.findall(r"^#define (CT_F_\w+) (\d+)", header, re.M)}
+    assert len(in_c) >= 8 and in_c == {name: getattr(types, name) for name in in_c}

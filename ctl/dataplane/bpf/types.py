@@ -45,6 +45,7 @@ class CtDir(enum.IntEnum):
 
 
 CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SEEN_REPLY, CT_F_SNAT, CT_F_HOST = 1, 2, 4, 8, 16
+CT_F_FIN_OUT, CT_F_FIN_IN, CT_F_RST = 32, 64, 128   # CT_SNAT_IN: how the masqueraded connection ended
 CFG_F_DEBUG_EVENTS = 1
 CFG_F_MASQUERADE = 2
 
