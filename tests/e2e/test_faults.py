@@ -86,3 +86,34 @@ def test_conntrack_flood_leaves_established_connections_alone(rig, node, echo_se
     assert sent["sent"] == FLOOD_FLOWS
     assert new_flows >= capacity // 2, "the flood overflowed the table (2 entries per flow)"
     assert all(r["broken"] == 0 for r in results), results
+
+
+# Issue 16's reset: many more restarts than test_operations' 10, with connections that stay
+# open across every one of them carrying data, and new connections at full speed besides.
+RESTART_LOOP = int(os.environ.get("ATOMNET_RESTART_LOOP", "20"))
+
+
+def test_sigkill_loop_resets_no_connection(rig, node, echo_service):
+    svc, clients = echo_service
+    for p in node.atomnet_json("pod", "list"):
+        if p["name"].endswith(("-e0", "-e1")):
+            nginx(rig, p["name"])
+    web = node.atomnet_json("service", "add", f"web{rig.uid}", "--port", "80:8080", "--selector", "app=echo")
+    wait_service(node, web["name"], 2)
+    holder = Holder(rig, clients[0]["name"], svc["vip"], 20)
+    holder.wait_ready()
+    stop = rig.tmp / "load.stop"
+    load = rig.spawn(http_load(clients[1]["name"], web["vip"], 80, seconds=900, max_requests=10**8,
+                               stop_file=stop, min_requests=1, timeout=15))
+    for i in range(RESTART_LOOP):
+        assert load.poll() is None and holder.proc.poll() is None, f"a client ended before restart {i + 1}"
+        node.stop_daemon(signal.SIGKILL)
+        node.start_daemon()
+    held = holder.finish()
+    stop.touch()
+    out, _ = load.communicate(timeout=600)
+    crr = json.loads(out)
+    print(f"sigkill loop: {RESTART_LOOP} SIGKILLs, held {held['rounds']} rounds on 20 connections "
+          f"({held['broken']} broken), {crr['ok']} new connections ({crr['failed']} failed)")
+    assert held["broken"] == 0, held["errors"]
+    assert crr["failed"] == 0, crr["errors"]
