@@ -117,3 +117,63 @@ def test_sigkill_loop_resets_no_connection(rig, node, echo_service):
           f"({held['broken']} broken), {crr['ok']} new connections ({crr['failed']} failed)")
     assert held["broken"] == 0, held["errors"]
     assert crr["failed"] == 0, crr["errors"]
+
+
+def fill(directory: Path) -> Path:
+    """Writes a file until the filesystem says ENOSPC; returns it (delete it to free the space)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == 28, exc   # ENOSPC
+    return filler
+
+
+def test_full_disk_under_the_sqlite_store(rig):
+    disk = rig.tmp / "small-disk"
+    disk.mkdir()
+    # A tmpfs of its own: the store's disk can fill without touching anyone else's.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", f"an{rig.uid}-disk", str(disk)], check=True)
+    try:
+        rig.store = f"sqlite://{disk}/state.db"
+        node = rig.add_node("n1")
+        node.start_daemon()
+        web, client = node.add_pod("w", "--label", "app=w"), node.add_pod("c")
+        for p in (web, client):
+            node.wait_endpoint(p["ip"])
+        nginx(rig, web["name"])
+        s1 = node.atomnet_json("service", "add", f"s1{rig.uid}", "--port", "80:8080", "--selector", "app=w")
+        wait_service(node, s1["name"], 1)
+        stored_before = node.atomnet_json("service", "list")
+        filler = fill(disk)
+
+        res = node.atomnet("service", "add", f"s2{rig.uid}", "--port", "80:8080", "--selector", "app=w", check=False)
+        assert res.returncode == 1, res
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "disk is full" in lines[0], res.stderr
+        # Several objects in one apply: all or nothing.
+        doc = node.atomnet_json("service", "show", s1["name"])
+        docs = [{"kind": "service", "name": f"a{i}{rig.uid}", "selector": doc["selector"],
+                 "ports": [{"port": 80, "target_port": 8080}]} for i in range(3)]
+        (rig.tmp / "many.json").write_text(json.dumps(docs))
+        res = node.atomnet("apply", "-f", rig.tmp / "many.json", check=False)
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert node.atomnet_json("service", "list") == stored_before, "nothing half-written"
+        # The daemon keeps running and forwarding what is stored.
+        assert node.daemon.poll() is None
+        body = in_pod(client["name"], "curl", "-s", "--max-time", "5", f"http://{s1['vip']}/").stdout.strip()
+        assert body == web["name"]
+
+        filler.unlink()   # space again: the next write works and is programmed
+        s2 = node.atomnet_json("service", "add", f"s2{rig.uid}", "--port", "80:8080", "--selector", "app=w")
+        wait_service(node, s2["name"], 1)
+        body = in_pod(client["name"], "curl", "-s", "--max-time", "5", f"http://{s2['vip']}/").stdout.strip()
+        assert body == web["name"] and node.daemon.poll() is None
+        print(f"full disk: refused with {lines[0]!r}; daemon kept serving")
+    finally:
+        rig.teardown()   # the daemon holds the database open: stop it before unmounting
+        rig.nodes, rig.procs = [], []
+        subprocess.run(["umount", "-l", str(disk)], check=False)
