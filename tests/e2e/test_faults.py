@@ -177,3 +177,64 @@ def test_full_disk_under_the_sqlite_store(rig):
         rig.teardown()   # the daemon holds the database open: stop it before unmounting
         rig.nodes, rig.procs = [], []
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# Issue 16: etcd stopped for 60 s under load. Overridable to try other lengths; the default
+# (what make test runs) is the issue's 60 s. The sleep below IS the fault's duration.
+ETCD_OUTAGE = float(os.environ.get("ATOMNET_ETCD_OUTAGE", "60"))
+
+
+def test_etcd_down_for_a_minute_under_load(rig):
+    """With the only etcd member down nothing can change in the store, so "what changed
+    meanwhile" is what is written the moment it is back, racing the daemon's reconnect:
+    the daemon's watch resumes from the revision it had seen, so no change is lost."""
+    import time
+    rig.use_etcd()
+    node = rig.add_node("n1")
+    node.start_daemon()
+    backends = [node.add_pod(f"b{i}", "--label", "app=op") for i in range(2)]
+    client = node.add_pod("cl")
+    for p in [*backends, client]:
+        node.wait_endpoint(p["ip"])
+    for p in backends:
+        nginx(rig, p["name"])
+    svc = node.atomnet_json("service", "add", f"op{rig.uid}", "--port", "80:8080", "--selector", "app=op")
+    wait_service(node, svc["name"], 2)
+    old = node.atomnet_json("service", "add", f"old{rig.uid}", "--port", "82:8080", "--selector", "app=op")
+    wait_service(node, old["name"], 2)
+    stop = rig.tmp / "load.stop"
+    through_vip = rig.spawn(http_load(client["name"], svc["vip"], 80, seconds=ETCD_OUTAGE + 300, max_requests=10**8,
+                                      stop_file=stop, min_requests=1, timeout=15))
+    pod_to_pod = rig.spawn(http_load(client["name"], backends[0]["ip"], 8080, seconds=ETCD_OUTAGE + 300,
+                                     max_requests=10**8, stop_file=stop, min_requests=1, timeout=15))
+    failures = node.log_count("store_watch_failed")
+    rig.etcd.halt()
+    node.wait_log("store_watch_failed", occurrences=failures + 1, timeout=30)   # the daemon noticed
+    res = node.atomnet("service", "add", f"no{rig.uid}", "--port", "81", "--selector", "app=op", check=False,
+                       timeout=120)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    time.sleep(ETCD_OUTAGE)
+    assert node.daemon.poll() is None, "the daemon survived the outage"
+    assert through_vip.poll() is None and pod_to_pod.poll() is None
+    rig.etcd.resume()
+    late = node.atomnet_json("service", "add", f"late{rig.uid}", "--port", "80:8080", "--selector", "app=op")
+    node.atomnet("service", "del", old["name"])
+    back = time.monotonic()
+    wait_service(node, late["name"], 2, timeout=60)
+    deadline = time.monotonic() + 60
+    while any(r["vip"] == old["vip"] for r in node.atomnet_json("lb", "list")):   # the kernel's frontends
+        assert time.monotonic() < deadline, "the deleted service is still programmed"
+        time.sleep(0.1)
+    applied = time.monotonic() - back
+    stop.touch()
+    results = {}
+    for name, proc in (("vip", through_vip), ("pod", pod_to_pod)):
+        out, _ = proc.communicate(timeout=120)
+        results[name] = json.loads(out)
+    print(f"etcd down {ETCD_OUTAGE:.0f} s: {results['vip']['ok']} requests through the VIP "
+          f"({results['vip']['failed']} failed, by backend {dict(results['vip']['by_body'])}), "
+          f"{results['pod']['ok']} pod to pod ({results['pod']['failed']} failed); changes after the return "
+          f"programmed in {applied:.1f} s")
+    assert results["pod"]["failed"] == 0, results["pod"]["errors"]
+    assert results["vip"]["failed"] == 0, results["vip"]["errors"]
+    assert set(results["vip"]["by_body"]) == {b["name"] for b in backends}, "both backends balanced"
