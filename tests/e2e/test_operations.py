@@ -60,13 +60,19 @@ def test_sigkill_and_restart_under_load_fails_no_request(rig, node, served):
     print(f"restart under load: {RESTARTS} SIGKILLs, {result['ok']} connections, {result['failed']} failed")
 
 
+def build_objects(tmp_path, cflags: str):
+    """The BPF objects built with extra compiler flags (another version), in their own directory."""
+    objdir = tmp_path / "objects-v2"
+    subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={objdir}", f"EXTRA_BPF_CFLAGS={cflags}",
+                    *[f"{objdir}/{n}.o" for n in OBJECT_NAMES]],
+                   check=True, capture_output=True)
+    return objdir
+
+
 def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node, served, tmp_path):
     svc, client, backends = served
     # The "new version": the same programs built with a conntrack table twice as large.
-    objdir = tmp_path / "objects-v2"
-    subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={objdir}", "EXTRA_BPF_CFLAGS=-DMAX_CONNTRACK=524288",
-                    *[f"{objdir}/{n}.o" for n in OBJECT_NAMES]],
-                   check=True, capture_output=True)
+    objdir = build_objects(tmp_path, "-DMAX_CONNTRACK=524288")
     iperf_srv = backends[0]
     rig.spawn(spawn_in_pod(iperf_srv["name"], "iperf3", "-s", "-1", "-p", "5301"))
     node.atomnet("service", "add", f"ip{rig.uid}", "--port", "5301", "--backend", iperf_srv["name"])
