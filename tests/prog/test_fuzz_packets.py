@@ -24,11 +24,12 @@ from hypothesis import strategies as st
 
 from ctl.dataplane.bpf import syscalls as sc
 from ctl.dataplane.bpf.maps import possible_cpus
-from ctl.dataplane.bpf.types import Config, Counter, CounterId, TunnelInfo, TunnelKey, U32
+from ctl.dataplane.bpf.types import Counter, CounterId
+from ctl.observe.packets import checksum as ip_checksum, mac_bytes as mac
 from tests.prog.conftest import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, program_service
 from tests.prog.test_forwards import CLIENT, NODE_IP, UPLINK
-from tests.prog.test_overlay import OUR_VTEP, OVERLAY_IFINDEX, REMOTE_NODE, REMOTE_POD, REMOTE_VTEP, from_remote_vtep
-from tests.prog.test_services import A, B, C, D, PODS, VIP, setup
+from tests.prog.test_overlay import OUR_VTEP, OVERLAY_IFINDEX, REMOTE_NODE, REMOTE_POD, from_remote_vtep, with_overlay
+from tests.prog.test_services import A, B, C, D, PODS, VIP
 
 EXAMPLES = int(os.environ.get("ATOMNET_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
@@ -43,21 +44,8 @@ ADDRESSES = [A["ip"], B["ip"], C["ip"], D["ip"], VIP, NODE_IP, CLIENT, REMOTE_PO
 INTERESTING_PORTS = [80, 8080, 53, 5353, 0, 1, 65535]
 
 
-def mac(text: str) -> bytes:
-    return bytes.fromhex(text.replace(":", ""))
-
-
 def ether(src: str, dst: str) -> bytes:
     return mac(dst) + mac(src) + b"\x08\x00"
-
-
-def ip_checksum(header: bytes) -> int:
-    if len(header) % 2:
-        header += b"\0"
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 class Shape:
@@ -179,12 +167,7 @@ def check(h, prog: str, frame: bytes, ifindex: int, sender: str | None) -> None:
 
 
 def program_everything(h) -> None:
-    setup(h)
-    h.maps["config"].put(U32(value=0), Config.from_dict({
-        "service_net": "10.96.0.0", "service_mask": "255.240.0.0", "overlay_ifindex": OVERLAY_IFINDEX, "vni": 1,
-        "vtep_mac": OUR_VTEP, "snat_ip": "10.244.1.0"}))
-    h.maps["tunnels"].put(TunnelKey.from_dict({"prefixlen": 24, "ip": "10.244.2.0"}),
-                          TunnelInfo.from_dict({"node_ip": REMOTE_NODE, "vtep_mac": REMOTE_VTEP}))
+    with_overlay(h)   # pods, service CIDR, overlay config and one remote subnet
     program_service(h, VIP, 80, "tcp", [(B["ip"], 8080), (C["ip"], 8080)], sid=1, affinity=0)
     program_service(h, VIP, 53, "udp", [(B["ip"], 5353)], sid=2)
     program_service(h, NODE_IP, 8080, "tcp", [(C["ip"], 80)], sid=3)
