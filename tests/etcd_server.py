@@ -278,6 +278,28 @@ class EtcdServer:
             helper.wait()
             helper.stdout.close()
 
+    def halt(self) -> None:
+        """Stops etcd by its PID like stop(), but keeps its data directory and ports: resume()
+        brings the same member back with everything it stored (a fault test's outage)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def resume(self) -> None:
+        """Starts the halted member again on the same data and ports; waits for /health."""
+        if self.proc is not None or self.tmpdir is None:
+            raise EtcdServerError(f"{self!r} is not halted")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=_set_pdeathsig)
+        if not self._wait_healthy():
+            raise EtcdServerError(f"etcd at {self.client_url} did not come back:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
@@ -287,14 +309,7 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop etcd by its PID (SIGTERM, SIGKILL after 5 s) and remove the temporary directory."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        self.halt()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.e2e.rig import Rig, in_pod, sh, spawn_in_pod
-from tests.e2e.servers import wait_listening
+from tests.e2e.servers import nginx, wait_listening
 
 WORLD_NET = "203.0.113"        # TEST-NET-3, only inside this test's namespaces
 WORLD = f"{WORLD_NET}.10"
@@ -27,34 +27,9 @@ CLIENT = str(Path(__file__).with_name("many_conns.py"))
 
 
 def world_nginx(rig, ns: str):
-    d = rig.tmp / "nginx-world"
-    d.mkdir()
-    (d / "nginx.conf").write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile 8192;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 8192; }}
-http {{
-    log_format peer '$remote_addr $remote_port';
-    access_log {d}/access.log peer;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 80 backlog=4096;
-        location / {{ return 200 "$remote_addr:$remote_port\\n"; }}
-    }}
-}}
-""")
-    rig.spawn(spawn_in_pod(ns, "nginx", "-c", str(d / "nginx.conf"), "-p", str(d)))
-    wait_listening(ns, 80)
-    return d / "access.log"
+    """The outside world's web server: logs and answers each peer's address and port."""
+    return nginx(rig, ns, 80, body="$remote_addr:$remote_port", access_log=True, connections=8192,
+                 reuseport=False, name="world")
 
 
 @pytest.fixture(scope="module")

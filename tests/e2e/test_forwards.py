@@ -101,7 +101,7 @@ def test_bad_forward_input_changes_nothing(rig, setup):
     n1, ext, web = setup
     n1.atomnet("forward", "add", f"{web['name']}:8080", "--host-port", "8082")
     rig.spawn(subprocess.Popen(n1.nsenter + ["socat", "TCP-LISTEN:9999,reuseaddr,fork", "SYSTEM:echo busy"]))
-    time.sleep(0.3)
+    wait_listening(n1, 9999)
     before = n1.atomnet_json("forward", "list")
     for args, message in [
         (("--host-port", "9999"), "9999/tcp is already bound on this node by socat"),

@@ -11,7 +11,7 @@ import pytest
 
 from ctl.dataplane.bpf.loader import OBJECT_NAMES
 from tests.e2e.rig import REPO, in_pod, spawn_in_pod
-from tests.e2e.servers import http_load, nginx
+from tests.e2e.servers import http_load, nginx, wait_established, wait_listening
 
 
 def wait_service(node, name: str, backends: int, timeout: float = 15) -> dict:
@@ -60,21 +60,27 @@ def test_sigkill_and_restart_under_load_fails_no_request(rig, node, served):
     print(f"restart under load: {RESTARTS} SIGKILLs, {result['ok']} connections, {result['failed']} failed")
 
 
+def build_objects(tmp_path, cflags: str):
+    """The BPF objects built with extra compiler flags (another version), in their own directory."""
+    objdir = tmp_path / "objects-v2"
+    subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={objdir}", f"EXTRA_BPF_CFLAGS={cflags}",
+                    *[f"{objdir}/{n}.o" for n in OBJECT_NAMES]],
+                   check=True, capture_output=True)
+    return objdir
+
+
 def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node, served, tmp_path):
     svc, client, backends = served
     # The "new version": the same programs built with a conntrack table twice as large.
-    objdir = tmp_path / "objects-v2"
-    subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={objdir}", "EXTRA_BPF_CFLAGS=-DMAX_CONNTRACK=524288",
-                    *[f"{objdir}/{n}.o" for n in OBJECT_NAMES]],
-                   check=True, capture_output=True)
+    objdir = build_objects(tmp_path, "-DMAX_CONNTRACK=524288")
     iperf_srv = backends[0]
     rig.spawn(spawn_in_pod(iperf_srv["name"], "iperf3", "-s", "-1", "-p", "5301"))
+    wait_listening(iperf_srv["name"], 5301)
     node.atomnet("service", "add", f"ip{rig.uid}", "--port", "5301", "--backend", iperf_srv["name"])
     wait_service(node, f"ip{rig.uid}", 1)
     vip = node.atomnet_json("service", "show", f"ip{rig.uid}")["vip"]
-    time.sleep(0.3)
     stream = rig.spawn(spawn_in_pod(client["name"], "iperf3", "-c", vip, "-p", "5301", "-t", "8", "-J"))
-    time.sleep(2)
+    wait_established(client["name"], vip, 5301)   # the stream runs through the VIP: upgrade under it
     before = {m["name"]: m for m in node.atomnet_json("map", "list")}
     assert before["conntrack"]["max_entries"] == 262144
     flows_before = {(f["src"], f["dst"], f["dir"]) for f in node.atomnet_json("ct", "list")}

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.e2e.rig import in_pod, sh, spawn_in_pod
-from tests.e2e.servers import http_load, nginx
+from tests.e2e.servers import http_load, nginx, wait_listening
 
 LEASE_TTL = "6"
 RENEW_MARGIN = "3"
@@ -46,7 +46,8 @@ def test_full_mesh_ping_and_tcp_across_nodes(rig, cluster):
     everyone = [p for ps in pods.values() for p in ps]
     for p in everyone:
         rig.spawn(spawn_in_pod(p["name"], "socat", "TCP-LISTEN:7000,reuseaddr,fork", f"SYSTEM:echo {p['name']}"))
-    time.sleep(0.5)
+    for p in everyone:
+        wait_listening(p["name"], 7000)
     for src, dst in itertools.permutations(everyone, 2):
         in_pod(src["name"], "ping", "-c1", "-W2", dst["ip"])
         if src["node"] != dst["node"]:
@@ -64,7 +65,7 @@ def test_iperf3_across_nodes(rig, cluster):
     _, pods = cluster
     server, client = pods["n2"][0], pods["n1"][0]
     rig.spawn(spawn_in_pod(server["name"], "iperf3", "-s", "-1", "-p", "5202"))
-    time.sleep(0.5)
+    wait_listening(server["name"], 5202)
     out = in_pod(client["name"], "iperf3", "-c", server["ip"], "-p", "5202", "-t", "3", "-J", timeout=30).stdout
     result = json.loads(out)
     gbps = result["end"]["sum_received"]["bits_per_second"] / 1e9
@@ -171,7 +172,7 @@ def test_flannel_node_interoperates(rig):
     in_pod(a["name"], "ping", "-c2", "-W2", fpod_ip)            # atomnet pod -> flannel pod
     sh("ip", "netns", "exec", fpod, "ping", "-c2", "-W2", a["ip"])  # flannel pod -> atomnet pod
     rig.spawn(spawn_in_pod(fpod, "socat", "TCP-LISTEN:7001,reuseaddr,fork", "SYSTEM:echo flannel-pod"))
-    time.sleep(0.3)
+    wait_listening(fpod, 7001)
     got = in_pod(a["name"], "socat", "-t2", "-T2", "-", f"TCP:{fpod_ip}:7001", input="").stdout.strip()
     assert got == "flannel-pod"
 
@@ -195,7 +196,7 @@ def test_daemon_waits_for_etcd_and_survives_losing_it(rig):
     try:
         for _ in range(3):
             in_pod(a["name"], "ping", "-c1", "-W2", b["ip"])  # the dataplane keeps forwarding
-            time.sleep(1)
+            time.sleep(1)   # the outage's length (3 s), not synchronisation
         assert n1.daemon.poll() is None
     finally:
         rig.etcd.proc.send_signal(signal.SIGCONT)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.e2e.rig import in_pod, spawn_in_pod
+from tests.e2e.servers import wait_established, wait_listening
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_node_and_pods_reach_each_other(rig, node, pods):
     assert node.exec("socat", "-t3", "-T3", "-", f"TCP:{a['ip']}:8080,connect-timeout=2").stdout.strip() == f"hello-from-{a['name']}"
     rig.spawn(node_server := __import__("subprocess").Popen(
         node.nsenter + ["socat", "TCP-LISTEN:9090,reuseaddr,fork", "SYSTEM:echo hello-from-node"]))
-    time.sleep(0.3)
+    wait_listening(node, 9090)
     assert tcp_get(a["name"], node.ip, 9090) == "hello-from-node"
     assert node_server.poll() is None
 
@@ -89,10 +90,10 @@ def test_spoofed_source_is_dropped_and_counted(rig, node, pods):
 def test_tcp_stream_survives_daemon_sigkill_and_restart(rig, node, pods):
     a, b, _ = pods
     rig.spawn(spawn_in_pod(b["name"], "iperf3", "-s", "-1", "-p", "5201"))
-    time.sleep(0.5)
+    wait_listening(b["name"], 5201)
     old_prog = {p["name"]: p["id"] for p in node.atomnet_json("prog", "show")}
     client = rig.spawn(spawn_in_pod(a["name"], "iperf3", "-c", b["ip"], "-p", "5201", "-t", "6", "-J"))
-    time.sleep(1.5)
+    wait_established(a["name"], b["ip"], 5201)   # the stream runs: now kill the daemon under it
     node.stop_daemon(signal.SIGKILL)
     node.start_daemon()
     out, err = client.communicate(timeout=30)

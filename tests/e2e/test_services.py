@@ -75,7 +75,12 @@ def test_backend_removed_under_load_fails_no_request(rig, node, web):
     # Each request may take 5 s: this test is about no request failing while the backend
     # goes, not about latency (one request over 2 s was seen once in a full run: see the note).
     load = http_load(client["name"], vip, 80, seconds=6, timeout=5.0)
-    time.sleep(2)
+    carried = lambda: [b for r in node.atomnet_json("lb", "list") if r["service"] == name for b in r["backends"]
+                       if b["ip"] == backends[2]["ip"] and b["packets"] > 0]
+    deadline = time.monotonic() + 10   # remove the backend once it carries some of the load
+    while not carried():
+        assert time.monotonic() < deadline and load.poll() is None, "the load never reached the third backend"
+        time.sleep(0.05)
     (rig.tmp / "svc.json").write_text(doc(backends[:2]))
     node.atomnet("apply", "-f", f"{rig.tmp}/svc.json")
     wait_backends(node, name, 2)

@@ -16,6 +16,12 @@ REMOTE_POD = "10.244.2.7"
 OVERLAY_IFINDEX = 99
 
 
+def from_remote_vtep(inner: bytes) -> bytes:
+    """What the VXLAN device hands up after decapsulation: the remote VTEP's inner Ethernet
+    header (flannel's rule: to our VtepMAC) and the inner IPv4 packet, as given (any bytes)."""
+    return bytes(Ether(src=REMOTE_VTEP, dst=OUR_VTEP, type=0x0800)) + inner
+
+
 def with_overlay(h):
     setup(h)
     h.maps["config"].put(U32(value=0), Config.from_dict({
@@ -55,7 +61,7 @@ def test_to_overlay_sets_the_key_for_the_nodes_own_traffic(harness):
 
 def test_from_overlay_delivers_to_the_local_pod(harness):
     with_overlay(harness)
-    frame = bytes(Ether(src=REMOTE_VTEP, dst=OUR_VTEP) / IP(src=REMOTE_POD, dst=A["ip"], ttl=63) / TCP(sport=80, dport=4000))
+    frame = from_remote_vtep(bytes(IP(src=REMOTE_POD, dst=A["ip"], ttl=63) / TCP(sport=80, dport=4000)))
     rc, out = harness.run("from_overlay", frame, ingress_ifindex=OVERLAY_IFINDEX)
     assert rc == TC_ACT_REDIRECT
     pkt = Ether(out)
@@ -69,7 +75,7 @@ def test_reply_from_a_remote_backend_is_translated_on_the_clients_node(harness):
     syn = bytes(Ether(src=A["mac"], dst=A["node_mac"]) / IP(src=A["ip"], dst=VIP) / TCP(sport=41000, dport=80, flags="S"))
     rc, out = harness.run("from_pod", syn, ingress_ifindex=A["ifindex"])
     assert rc == TC_ACT_REDIRECT and Ether(out)[IP].dst == REMOTE_POD and Ether(out).dst == REMOTE_VTEP
-    reply = bytes(Ether(src=REMOTE_VTEP, dst=OUR_VTEP) / IP(src=REMOTE_POD, dst=A["ip"]) / TCP(sport=8080, dport=41000, flags="SA"))
+    reply = from_remote_vtep(bytes(IP(src=REMOTE_POD, dst=A["ip"]) / TCP(sport=8080, dport=41000, flags="SA")))
     rc, out = harness.run("from_overlay", reply, ingress_ifindex=OVERLAY_IFINDEX)
     pkt = Ether(out)
     assert rc == TC_ACT_REDIRECT and (pkt[IP].src, pkt[TCP].sport, pkt.dst) == (VIP, 80, A["mac"])
