@@ -239,11 +239,14 @@ static __always_inline enum lb_result lb_reverse(struct __sk_buff *skb, struct f
 	struct ct_entry *ct;
 	__be32 client, vip;
 	__be16 port;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now;
 
 	ct_key_of(&rk, f, CT_REPLY);
 	ct = bpf_map_lookup_elem(&conntrack, &rk);
-	if (!ct || ct_expired(ct, now, f->proto))
+	if (!ct)
+		return LB_PASS;		/* most packets (all but replies): no clock read */
+	now = bpf_ktime_get_ns();
+	if (ct_expired(ct, now, f->proto))
 		return LB_PASS;
 	if (f->proto == IPPROTO_TCP && (f->tcp_flags & TCPF_SYN) && reply_is_stale(ct, f)) {
 		/* A SYN-ACK on the tuple of a translated connection that is over: it answers a
