@@ -50,7 +50,7 @@ class Config:
 
 
 FULL = Config()
-SMOKE = Config(reps=1, iperf_seconds=1, iperf_omit=0, iperf_bytes="100M", latency_seconds=1, crr_seconds=0.3, crr_warmup=0.1,
+SMOKE = Config(reps=1, iperf_seconds=1, iperf_omit=0, iperf_bytes="100M", latency_seconds=2, crr_seconds=0.3, crr_warmup=0.1,
                crr_procs=2, service_counts=(1, 3), cp_services=3, cp_backends=2, idle_window=0.5, cp_changes=2,
                cp_pod_adds=1)
 
