@@ -138,8 +138,8 @@ static __always_inline int is_loopback(__be32 addr)
  * flow go now rather than linger CT_TIMEOUT_CLOSING in the LRU table: at high rates of
  * RST-closed connections (clients that close with SO_LINGER 0, the benchmark's) the
  * lingering entries fill the table and every new flow's two inserts then pay for LRU
- * evictions (BPF_PROG_TEST_RUN: the SYN path ~1.0 us on an empty table, ~1.7 us on a
- * full one). A late packet of the flow finds no entry: a forward one is translated again
+ * evictions (BPF_PROG_TEST_RUN, each flow a SYN then an RST, 160 000 flows: a SYN's
+ * median 2.7 us with the entries lingering, 1.7 us without). A late packet of the flow finds no entry: a forward one is translated again
  * (Maglev picks the same backend) without re-creating the flow if it is an RST; a reply
  * goes untranslated and the client's stack answers it with an RST, as for any closed socket.
  */
