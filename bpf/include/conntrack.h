@@ -22,6 +22,34 @@ static __always_inline void ct_key_of(struct ct_key *k, const struct flow *f, en
 	k->dir = dir;
 }
 
+/* The reply entry's key of a service flow f translated to backend be_ip:be_port (and, for
+ * hairpin/SNAT, from source snat): replies come from the backend to the client (or snat). */
+static __always_inline void ct_reply_key(struct ct_key *k, const struct flow *f, __be32 be_ip, __be16 be_port,
+					 __be32 snat)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = be_ip;
+	k->daddr = snat ? snat : f->saddr;
+	k->sport = be_port;
+	k->dport = f->sport;
+	k->proto = f->proto;
+	k->dir = CT_REPLY;
+}
+
+/* The forward entry's key of the flow a reply f belongs to, from its reply entry's VIP:port
+ * and client (hairpin/SNAT: the real client; else the reply's destination). */
+static __always_inline void ct_forward_key_of_reply(struct ct_key *k, const struct flow *f, __be32 vip, __be16 port,
+						    __be32 client)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = client ? client : f->daddr;
+	k->daddr = vip;
+	k->sport = f->dport;
+	k->dport = port;
+	k->proto = f->proto;
+	k->dir = CT_FORWARD;
+}
+
 /* The key of the reply direction of a packet quoted in an ICMP error: the quoted packet went
  * a -> b, so the flow's entry that the error travels along is keyed b -> a. */
 static __always_inline void ct_key_of_quoted(struct ct_key *k, const struct iphdr *inner, const __be16 ports[2],

@@ -22,6 +22,17 @@ from typing import Callable
 
 RETRIES = 2
 
+# Both sides of every comparison get the same pinning: clients on CLIENT_CPU, servers on
+# SERVER_CPU (the softirq work of a veth/VXLAN path runs on the sending CPU, so each
+# system's packet work lands on the same CPUs as its rival's). One CPU: both on CPU 0.
+CLIENT_CPU = 0
+SERVER_CPU = 1 if (os.cpu_count() or 1) > 1 else 0
+
+# A target's verdicts. "within noise": the min–max range of atomnet's runs overlaps the
+# range the goal sets from the baseline's runs (goal × [baseline min, max]), so this run
+# cannot tell met from missed, whatever the medians say.
+MET, MISSED, NOISE = "met", "missed", "within noise"
+
 # Debian packages the benchmark uses beyond `make test`'s (binary -> package).
 TOOLS = {"iperf3": "iperf3", "nginx": "nginx-light", "sockperf": "sockperf", "iptables-legacy": "iptables"}
 
@@ -76,6 +87,21 @@ class Target:
             return None
         return x >= self.value if self.op == ">=" else x <= self.value
 
+    def verdict(self, x: float | None, ours: tuple[float, float] | None = None,
+                theirs: tuple[float, float] | None = None) -> str | None:
+        """met / missed by the median `x`, or NOISE when atomnet's range `ours` overlaps the
+        goal's range, this target's value times the baseline's range `theirs` (ratio
+        targets only: an absolute target has no baseline runs to be noisy against)."""
+        if x is None:
+            return None
+        if not self.absolute and ours and theirs and overlaps(ours, (theirs[0] * self.value, theirs[1] * self.value)):
+            return NOISE
+        return MET if self.met(x) else MISSED
+
+
+def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
 
 @dataclass
 class Row:
@@ -94,19 +120,21 @@ class Row:
             return None
         return self.atomnet.median / self.baseline.median
 
-    def verdicts(self) -> list[tuple[Target, bool | None, float | None]]:
+    def verdicts(self) -> list[tuple[Target, str | None, float | None]]:
+        """(target, MET / MISSED / NOISE or None without data, the measured ratio or value)."""
         out = []
+        theirs = self.baseline.spread if self.baseline else None
         for t in self.targets:
             x = self.atomnet.median if t.absolute else self.ratio
-            out.append((t, t.met(x), x))
+            out.append((t, t.verdict(x, self.atomnet.spread, theirs), x))
         return out
 
     def to_dict(self) -> dict:
         return {"case": self.case, "metric": self.metric, "unit": self.unit, "better": self.better,
                 "atomnet": self.atomnet.to_dict(), "baseline": self.baseline.to_dict() if self.baseline else None,
                 "ratio": self.ratio, "note": self.note,
-                "targets": [{"text": t.text, "op": t.op, "value": t.value, "absolute": t.absolute, "met": m,
-                             "measured": x} for t, m, x in self.verdicts()]}
+                "targets": [{"text": t.text, "op": t.op, "value": t.value, "absolute": t.absolute,
+                             "met": t.met(x), "verdict": v, "measured": x} for t, v, x in self.verdicts()]}
 
 
 def interleave(reps: int, runs: dict[str, Callable[[], Sample]], log: Callable[[str], None] = print,

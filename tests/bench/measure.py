@@ -13,6 +13,9 @@
   because an idle busy-polling server spins a whole CPU.
 - new connections/s: tests/bench/crr.py (RST close, several processes); a run with any
   SYN retransmission or failed connection is flagged, never counted.
+
+Every client runs on harness.CLIENT_CPU (iperf3 -A also pins its server to SERVER_CPU;
+the other servers are pinned where cases.py starts them), whichever system it measures.
 """
 from __future__ import annotations
 
@@ -22,13 +25,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .harness import Sample
+from .harness import CLIENT_CPU, SERVER_CPU, Sample
 
 CRR = Path(__file__).with_name("crr.py")
 
 
+def pinned(cpu: int, *cmd) -> list[str]:
+    return ["taskset", "-c", str(cpu), *map(str, cmd)]
+
+
 def _run(netns: str, *cmd, timeout: float) -> subprocess.CompletedProcess:
-    res = subprocess.run(["ip", "netns", "exec", netns, *map(str, cmd)], capture_output=True, text=True,
+    res = subprocess.run(["ip", "netns", "exec", netns, *pinned(CLIENT_CPU, *cmd)], capture_output=True, text=True,
                          timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"{cmd[0]} in {netns} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-1500:]}")
@@ -37,7 +44,7 @@ def _run(netns: str, *cmd, timeout: float) -> subprocess.CompletedProcess:
 
 def iperf3(client_ns: str, host: str, port: int, seconds: int, omit: int, nbytes: str = "") -> Sample:
     length = ["-n", nbytes] if nbytes else ["-t", seconds] + (["-O", omit] if omit else [])
-    args = ["iperf3", "-c", host, "-p", port, *length, "-J"]
+    args = ["iperf3", "-c", host, "-p", port, *length, "-J", "-A", f"{CLIENT_CPU},{SERVER_CPU}"]
     res = subprocess.run(["ip", "netns", "exec", client_ns, *map(str, args)], capture_output=True, text=True,
                          timeout=seconds + omit + 30)
     try:
@@ -62,6 +69,10 @@ def sockperf(client_ns: str, host: str, port: int, seconds: int) -> Sample:
     text = res.stdout + res.stderr
     pct = {float(k): float(v) for k, v in _PCT.findall(text)}
     avg = _AVG.search(text)
+    if 50.0 not in pct and "No valid observations" in text:
+        # every message fell in the warm-up or the run was starved of CPU (a loaded
+        # machine: busy-polling needs a CPU each): not a measurement, the harness retries
+        return Sample(0.0, flagged="sockperf: no valid observations")
     if 50.0 not in pct:
         raise RuntimeError(f"sockperf printed no percentiles: {text[-1500:]}")
     return Sample(pct[50.0], extra={"p99_us": pct.get(99.0), "avg_us": float(avg.group(1)) if avg else None})

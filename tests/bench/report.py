@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .harness import Row, Series
+from .harness import CLIENT_CPU, MET, NOISE, SERVER_CPU, Row, Series
 
 
 def fmt(x: float | None, unit: str = "") -> str:
@@ -49,14 +49,15 @@ def verdict_cells(row: Row) -> tuple[str, str]:
     if not row.targets:
         return "—", "—"
     texts, results = [], []
-    for t, met, x in row.verdicts():
+    for t, verdict, x in row.verdicts():
         texts.append(t.text)
-        if met is None:
+        if verdict is None:
             results.append("n/a")
         else:
             shown = (fmt(x, row.unit) if t.absolute else
                      f"{1 / x:.1f}× faster" if "faster" in t.text and x else ratio_text(x, row))
-            results.append(f"met ({shown})" if met else f"**missed** ({shown})")
+            results.append(f"met ({shown})" if verdict == MET else f"within noise ({shown})" if verdict == NOISE
+                           else f"**missed** ({shown})")
     return "<br>".join(texts), "<br>".join(results)
 
 
@@ -79,6 +80,9 @@ def markdown(rows: list[Row], machine: dict, config: dict, facts: dict, command:
         f"{config['crr_warmup']} s warm-up with {config['crr_procs']} client processes",
         "- cells: **median** [min–max] over the valid runs; ratio = atomnet / baseline (for times and "
         "latency lower is better, so a ratio below 1 is atomnet ahead)",
+        f"- pinning: every client on CPU {CLIENT_CPU}, every server on CPU {SERVER_CPU}, for atomnet and its baseline alike (iperf3 -A, taskset)",
+        "- result: met / **missed** by the medians, or *within noise* when atomnet's min–max range "
+        "overlaps the goal's (the goal ratio times the baseline's min–max): this run cannot tell",
         "",
     ]
     if error:

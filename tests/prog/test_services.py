@@ -203,3 +203,69 @@ def test_closed_translated_flow_does_not_capture_a_new_direct_connection(harness
     # The same client port now connects straight to the backend: its SYN-ACK is not the VIP's.
     rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=43000, flags="SA"))
     assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (B["ip"], 8080)
+
+
+def service_flows(h) -> set[tuple]:
+    return {(k.saddr, k.sport, k.daddr, k.dport, k.dir) for k, _ in h.maps["conntrack"].items()}
+
+
+def test_rst_from_the_client_translates_and_forgets_the_flow(harness):
+    """An RST ends the flow: it is translated like the rest, and both entries go at once
+    (high RST-close rates would otherwise fill the LRU table and make every new flow evict)."""
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44000, dport=80, flags="S"))
+    assert len(service_flows(harness)) == 2
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44000, dport=80, flags="RA"))
+    assert rc == TC_ACT_REDIRECT and pkt.dst == B["mac"]
+    assert (pkt[IP].dst, pkt[TCP].dport, pkt[TCP].flags) == (B["ip"], 8080, "RA")
+    assert checksums_ok(pkt)
+    assert service_flows(harness) == set()
+    assert harness.counter(CounterId.CTR_LB_NEW_FLOW) == 1
+
+
+def test_rst_from_the_backend_translates_and_forgets_the_flow(harness):
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44001, dport=80, flags="S"))
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=44001, flags="R"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport, rep.dst) == (VIP, 80, A["mac"])
+    assert checksums_ok(rep)
+    assert service_flows(harness) == set()
+
+
+def test_hairpin_rst_forgets_both_entries(harness):
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(A["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44002, dport=80, flags="S"))
+    rc, rep = send(harness, A, IP(src=A["ip"], dst="169.254.42.1") / TCP(sport=8080, dport=44002, flags="R"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport, rep[IP].dst) == (VIP, 80, A["ip"])
+    assert service_flows(harness) == set()
+
+
+def test_rst_of_an_unknown_flow_is_translated_without_creating_one(harness):
+    """A late RST (retransmitted, or after the flow was forgotten) still reaches the backend
+    Maglev picks for its tuple, and leaves no entry behind; a later packet of a live flow
+    re-creates its entries with the same backend."""
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)])
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44003, dport=80, flags="R"))
+    assert rc == TC_ACT_REDIRECT and (pkt[IP].dst, pkt[TCP].dport) == (B["ip"], 8080)
+    assert checksums_ok(pkt)
+    assert service_flows(harness) == set() and harness.counter(CounterId.CTR_LB_NEW_FLOW) == 0
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44003, dport=80, flags="A"))
+    assert rc == TC_ACT_REDIRECT and (pkt[IP].dst, pkt[TCP].dport) == (B["ip"], 8080)
+    assert len(service_flows(harness)) == 2
+
+
+def test_fin_keeps_the_closing_flow(harness):
+    """FIN is not RST: the last ACK and retransmitted FINs still need the entries (closing, 10 s)."""
+    from ctl.dataplane.bpf.types import CT_F_CLOSING
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44004, dport=80, flags="S"))
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=44004, dport=80, flags="FA"))
+    entries = list(harness.maps["conntrack"].items())
+    assert len(entries) == 2 and any(v.flags & CT_F_CLOSING for _, v in entries)
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=44004, flags="FA"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (VIP, 80)
