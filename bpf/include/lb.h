@@ -96,7 +96,8 @@ static __always_inline int select_backend(const struct flow *f, const struct ser
 
 	if (svc->affinity_timeout) {
 		av = bpf_map_lookup_elem(&affinity, &ak);
-		if (av && now - av->last_used_ns <= (__u64)svc->affinity_timeout * NSEC &&
+		/* signed age: another CPU may have stamped the entry after our clock read */
+		if (av && ct_quiet_for(av->last_used_ns, now) <= (__u64)svc->affinity_timeout * NSEC &&
 		    backend_alive(svc->id, av->backend.ip, av->backend.port)) {
 			av->last_used_ns = now;
 			*out = av->backend;

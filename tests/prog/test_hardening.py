@@ -145,6 +145,8 @@ def test_affinity_times_out_and_falls_back_to_maglev(harness):
     pin(601)
     assert connect(sport) == maglev_pick, "after the timeout: Maglev again"
     assert affinity.get(key).backend.to_dict()["ip"] == maglev_pick, "and the affinity follows the new pick"
+    pin(-0.5)   # stamped by another CPU after this packet's clock read: the age is negative
+    assert connect(sport) == pinned, "an entry younger than our clock read is within the timeout"
     pin(1)
     harness.maps["backends"].delete(BackendKey.from_dict({"service_id": 1, "ip": pinned, "port": 80}))
     assert connect(sport) == maglev_pick, "a pinned backend that left the service is not used"
