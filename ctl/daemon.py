@@ -197,7 +197,7 @@ class Daemon:
         self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         try:   # before dataplane_ready: a node that says it is ready answers names too
-            self.dns.start(self.store, self.store_url)   # names follow the store on their own watch
+            self.dns.start(self.store, self.store_url, self.loaded.maps)   # own watch; fills the fast path's map
         except (AtomnetError, OSError) as exc:   # names are lost, the dataplane is not: keep forwarding
             log.error("dns_failed", error=str(exc))
         readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads

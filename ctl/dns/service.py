@@ -1,5 +1,6 @@
 """The node's cluster DNS, as the daemon runs it: the name index, the server on the DNS
-VIP, the upstreams, and what feeds the index.
+VIP, the upstreams, what feeds the index, and the BPF fast path's name map it keeps
+equal to the index (ctl/dns/fastpath.py; given the daemon's maps).
 
 Two ways to feed it, one at a time:
   - start(store, store_url): its own watch of the store on its own connection and thread
@@ -20,6 +21,7 @@ from ..state.cluster import dns_vip_of, load_cluster_config
 from ..state.model import VIPS_PREFIX
 from ..state.names import DNS_VIP_OWNER
 from ..state.store import Compacted, Store, open_store
+from .fastpath import FastPath
 from .records import DEFAULT_POD_TTL, DEFAULT_SERVICE_TTL, PREFIXES, NameIndex
 from .server import DnsServer
 from .upstream import Upstream, parse_upstream, system_upstreams
@@ -35,10 +37,13 @@ class DnsService:
         self.index = NameIndex(service_ttl, pod_ttl)
         self.port = port
         self.server: DnsServer | None = None
+        self.fastpath: FastPath | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def start(self, store: Store, store_url: str | None = None) -> None:
+    def start(self, store: Store, store_url: str | None = None, maps: dict | None = None) -> None:
+        if maps and "dns_names" in maps and "dns_config" in maps:
+            self.fastpath = FastPath(maps["dns_names"], maps["dns_config"])
         self.resync(store)
         vip = dns_vip_of(load_cluster_config(store))
         # Clusters initialised before the DNS VIP existed: claim it now (a no-op otherwise).
@@ -51,6 +56,8 @@ class DnsService:
         servers = self.upstream_args or system_upstreams(exclude={vip})
         self.server = DnsServer(self.index, Upstream(servers), vip, self.port)
         self.server.start()
+        if self.fastpath:   # after the server: a query the map cannot answer finds it listening
+            self.fastpath.enable(vip)
         log.info("dns_serving", address=f"{vip}:{self.server.port}", domain=self.index.domain,
                  upstreams=[f"{h}:{p}" for h, p in servers], records=len(self.index.rows()))
         if store_url:
@@ -87,10 +94,22 @@ class DnsService:
             items += [(kv.key, kv.value) for kv in kvs]
             revisions.append(rev)
         self.index.load(items)
+        self._sync_fastpath()
         return min(revisions)
 
+    def _sync_fastpath(self) -> None:
+        if self.fastpath:
+            try:
+                self.fastpath.sync(self.index)
+            except Exception as exc:   # the map away or full: the server still answers every name
+                log.error("dns_fastpath_sync_failed", error=f"{type(exc).__name__}: {exc}")
+                self.index.a_changes_lost()   # the next sync is a full one
+
     def feed(self, events) -> None:
-        if self.index.apply_events(events) and self.server and self.index.dns_vip != self.server.address:
+        changed = self.index.apply_events(events)
+        if changed:
+            self._sync_fastpath()
+        if changed and self.server and self.index.dns_vip != self.server.address:
             log.warning("dns_vip_changed", serving=self.server.address, configured=self.index.dns_vip,
                         note="restart the daemon to move the server")
 
