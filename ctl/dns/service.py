@@ -3,13 +3,13 @@ VIP, the upstreams, what feeds the index, and the BPF fast path's name map it ke
 equal to the index (ctl/dns/fastpath.py; given the daemon's maps).
 
 Two ways to feed it, one at a time:
-  - start(store, store_url): its own watch of the store on its own connection and thread
-    (what the daemon does now). The daemon's loop runs a full reconcile after every batch
-    of events, and `service add` writes its VIP claim and the service as separate
-    revisions: fed from that loop, a name waited for a whole reconcile (measured 280 ms on
-    a loaded machine), so the index does not wait for it;
-  - start(store) and then feed(events) with every batch a watch-driven daemon dispatches
-    (and resync(store) after it had to list again): for a daemon whose dispatch is cheap."""
+  - start(store) and then apply(key, value) from a watch-driven daemon's dispatch, flush()
+    after each batch it took off its watch (and resync(store) after it had to list again):
+    what the daemon does. The change reaches the index as the daemon's main thread takes it,
+    before the batching window and the reconcile (so a name never waits for those), and
+    the node watches the store once;
+  - start(store, store_url): its own watch of the store on its own connection and thread,
+    fed with feed(events) (for a user without a watch of its own)."""
 from __future__ import annotations
 
 import threading
@@ -38,6 +38,7 @@ class DnsService:
         self.port = port
         self.server: DnsServer | None = None
         self.fastpath: FastPath | None = None
+        self._pending = False   # apply() changed the index since the last flush()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -105,13 +106,26 @@ class DnsService:
                 log.error("dns_fastpath_sync_failed", error=f"{type(exc).__name__}: {exc}")
                 self.index.a_changes_lost()   # the next sync is a full one
 
-    def feed(self, events) -> None:
-        changed = self.index.apply_events(events)
-        if changed:
+    def apply(self, key: str, value: str | None) -> None:
+        """One store change (a daemon's dispatch handler); the fast path learns it at flush()."""
+        if self.index.apply(key, value):
+            self._pending = True
+
+    def flush(self) -> None:
+        if self._pending:
+            self._pending = False
             self._sync_fastpath()
-        if changed and self.server and self.index.dns_vip != self.server.address:
+            self._check_vip()
+
+    def _check_vip(self) -> None:
+        if self.server and self.index.dns_vip != self.server.address:
             log.warning("dns_vip_changed", serving=self.server.address, configured=self.index.dns_vip,
                         note="restart the daemon to move the server")
+
+    def feed(self, events) -> None:
+        if self.index.apply_events(events):
+            self._sync_fastpath()
+            self._check_vip()
 
     def stop(self) -> None:
         self._stopping.set()
