@@ -159,6 +159,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct dns_scratch);
 	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);	/* pinned like every map: `explain` and `map list` expect it */
 } dns_scratch SEC(".maps");
 
 #endif

@@ -260,7 +260,7 @@ struct dns_config {
 };
 
 /* dns_scratch (per-CPU, one entry): the lookup key and the reply being built, off the
- * 512-byte BPF stack. Never read by user space. */
+ * 512-byte BPF stack. User space never needs it (it is pinned only as every map is). */
 struct dns_scratch {
 	struct dns_name_key key;
 	__u8  msg[DNS_MSG_MAX];
