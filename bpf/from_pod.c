@@ -6,6 +6,7 @@
  *    permanent neighbour entry pointing at the host-side veth MAC);
  *  - other non-IPv4 frames and malformed IPv4 are dropped and counted;
  *  - an IPv4 source that is not the sending pod's own address is dropped (anti-spoofing);
+ *  - an A query for a cluster name to the DNS VIP is answered here (dns.h);
  *  - then the IPv4 path of route.h: services (DNAT, reverse NAT, ICMP errors,
  *    refusal without backends), delivery to pods on this node with
  *    bpf_redirect_peer, everything else (the node itself, the outside world) to the
@@ -20,6 +21,7 @@
 #include "include/parse.h"
 #include "include/counters.h"
 #include "include/route.h"
+#include "include/dns.h"
 
 SEC("tc")
 int from_pod(struct __sk_buff *skb)
@@ -27,6 +29,7 @@ int from_pod(struct __sk_buff *skb)
 	struct headers h;
 	struct endpoint_key key = {};
 	struct endpoint_info *src;
+	int rc = TC_ACT_SHOT;
 
 	switch (parse(skb, &h)) {
 	case PARSE_IPV4:
@@ -45,6 +48,8 @@ int from_pod(struct __sk_buff *skb)
 	if (!src || src->ifindex != skb->ingress_ifindex)
 		return drop(skb, CTR_DROP_SPOOFED);
 
+	if (dns_fast_path(skb, &h, &rc))
+		return rc;
 	return route_ipv4(skb, &h);
 }
 

@@ -40,6 +40,7 @@ from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
 from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, load_network
 from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
+from .dns.records import PREFIXES as NAME_PREFIXES
 from .dns.service import DnsService
 from .errors import AtomnetError
 from .observe.metrics import Metrics
@@ -101,7 +102,7 @@ class Daemon:
         self.metrics = Metrics()
         self.model = Model(node_name, debug_events=debug_events)
         self.reconciler: Reconciler | None = None
-        self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own threads
+        self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own server threads
         self.events: queue.Queue = queue.Queue()     # (kind, payload) from the source threads
         self.vanished: set[str] = set()   # pods whose host veth went: forgotten by their runtime? (orphans)
         self.subscribers: list[tuple[str, Callable[[str, str | None], None]]] = []
@@ -113,6 +114,8 @@ class Daemon:
         self.subscribe(SUBNETS_PREFIX, self._on_lease)
         self.subscribe(ATOMNET_CONFIG_KEY, self._on_cluster_config)
         self.subscribe(NETWORK_CONFIG_KEY, lambda key, value: None)   # VNI/port: re-read on SIGHUP
+        for prefix in NAME_PREFIXES:   # the cluster's names follow this one watch too (ctl/dns/)
+            self.subscribe(prefix, self.dns.apply)
 
     # ---------------------------------------------------------------- store subscriptions
     def subscribe(self, prefix: str, handler: Callable[[str, str | None], None]) -> None:
@@ -200,7 +203,7 @@ class Daemon:
         self.vanished |= self._pods_without_link()   # containers deleted while the daemon was down
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         try:   # before dataplane_ready: a node that says it is ready answers names too
-            self.dns.start(self.store, self.store_url)   # names follow the store on their own watch
+            self.dns.start(self.store, maps=self.loaded.maps)   # fed by _dispatch; fills the fast path's map
         except (AtomnetError, OSError) as exc:   # names are lost, the dataplane is not: keep forwarding
             log.error("dns_failed", error=str(exc))
         readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads
@@ -375,6 +378,9 @@ class Daemon:
         if kind == "store":
             for ev in payload:
                 self._dispatch(ev.key, ev.value if ev.type == "put" else None)
+            # Names now, not after the batch window and the reconcile: the index already has
+            # the change (dispatch), the fast path's map gets it here.
+            self.dns.flush()
         elif kind == "link":
             self.model.set_link(*payload)
             ifname, link = payload
@@ -389,6 +395,7 @@ class Daemon:
         self.model.set_node(overlay=self.overlay, node_ip=self.node.public_ip, **self._netdevs())
         self.model.set_links(netplumb.link_table())
         self.load_all()
+        self.dns.resync(self.store)   # deletions missed while behind: the names are listed again too
         self._full_sync()
         threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
 

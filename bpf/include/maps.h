@@ -135,4 +135,31 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } snat_exclude SEC(".maps");
 
+#define MAX_DNS_NAMES 131072	/* services + pods + nodes (+ forward targets) with an A record */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct dns_name_key);
+	__type(value, struct dns_name_value);
+	__uint(max_entries, MAX_DNS_NAMES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_names SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct dns_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct dns_scratch);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);	/* pinned like every map: `explain` and `map list` expect it */
+} dns_scratch SEC(".maps");
+
 #endif

@@ -51,7 +51,9 @@ enum counter_id {
 	CTR_SNAT_REV = 15,		/* a reply of a masqueraded flow translated back to its pod */
 	CTR_SNAT_ICMP_ERROR = 16,	/* an ICMP error about a masqueraded flow translated back (inner header too) */
 	CTR_SNAT_PORT_EXHAUSTED = 17,	/* dropped: no free masquerade port towards that destination */
-	CTR_MAX = 18,
+	CTR_DNS_FAST_ANSWER = 18,	/* a pod's A query to the DNS VIP answered by from_pod itself (dns.h) */
+	CTR_DNS_FAST_PASS = 19,		/* a pod's query to the DNS VIP left to the node's DNS server */
+	CTR_MAX = 20,
 };
 
 struct counter {
@@ -233,6 +235,40 @@ struct event {
 	__u16 pad2;
 	__u32 len;
 	__u32 service_id;		/* translate: the service port; host order */
+};
+
+/*
+ * The DNS fast path (bpf/include/dns.h): the cluster's A records, answered at from_pod.
+ * Filled by the daemon's DNS service from its name index (ctl/dns/fastpath.py), the one
+ * source of the names; a name the map lacks goes to the node's server.
+ */
+#define DNS_NAME_KEY_LEN 128		/* wire-format names up to this long are fast-pathed; longer: server */
+#define DNS_MSG_MAX 176			/* header + longest question + answer RR + OPT RR (171), rounded to 8 */
+
+/* dns_names key: the query name in wire format (length-prefixed labels, the root's 0 byte
+ * included), ASCII letters lower-cased, zero-padded to the full size. */
+struct dns_name_key {
+	__u8  name[DNS_NAME_KEY_LEN];
+};
+
+struct dns_name_value {
+	__be32 ip;			/* the A record's address, network order */
+	__u32 ttl;			/* seconds, host order: what the server's answer carries */
+};
+
+/* dns_config: one entry (index 0). */
+struct dns_config {
+	__be32 vip;			/* the cluster's DNS VIP; 0 = fast path off */
+	__u32 flags;			/* reserved, 0 */
+};
+
+/* dns_scratch (per-CPU, one entry): the lookup key and the reply being built, off the
+ * 512-byte BPF stack. User space never needs it (it is pinned only as every map is). */
+struct dns_scratch {
+	struct dns_name_key key;
+	__u8  msg[DNS_MSG_MAX];
+	__u32 namelen;			/* the question name's length, through memory (see dns.h) */
+	__u32 pad;
 };
 
 #endif

@@ -126,6 +126,8 @@ class NameIndex:
         self._rrsets: dict[tuple, dns.rrset.RRset] = {}  # (name, type) -> built rrset (cache)
         self._below: Counter = Counter()                # name -> names with records at or below it
         self.generation = 0                             # bumped on every change (the server's answer cache key)
+        self._a_dirty: set[str] = set()                 # names whose A records changed since take_a_changes
+        self._a_all = True                              # everything changed (a rebuild): take_a_changes lists all
         self._serial = int(time.time())
         self._set_config(ClusterConfig(), None)
 
@@ -214,6 +216,28 @@ class NameIndex:
                 return Answer(dns.rcode.NOERROR, [], [soa])      # NODATA
             return Answer(dns.rcode.NXDOMAIN, [], [soa])
 
+    def take_a_changes(self) -> tuple[bool, dict[str, tuple[str, int] | None]]:
+        """What the BPF fast path's name map must learn (ctl/dns/fastpath.py): (full, changes),
+        name -> (address, ttl) or None (remove). Only names with exactly one A record are
+        fast-pathed (the server answers the rest). full: a rebuild happened; changes then
+        lists every such name and the map drops whatever it has beyond them."""
+        with self._lock:
+            full, names = self._a_all, (list(self._data) if self._a_all else list(self._a_dirty))
+            self._a_all, self._a_dirty = False, set()
+            out = {}
+            for name in names:
+                texts = self._data.get(name, {}).get(A)
+                if texts and len(texts) == 1:
+                    out[name] = (next(iter(texts)), self._ttl[(name, A)])
+                elif not full:
+                    out[name] = None
+            return full, out
+
+    def a_changes_lost(self) -> None:
+        """The last take_a_changes could not be applied: the next one lists everything."""
+        with self._lock:
+            self._a_all = True
+
     def rows(self) -> list[dict]:
         """Every record, for `atomnet dns list`."""
         with self._lock:
@@ -251,6 +275,7 @@ class NameIndex:
         self._depends, self._dep_of = {}, {}
         self._set_config(cfg, net)
         self._owned, self._data, self._ttl, self._rrsets, self._below = {}, {}, {}, {}, Counter()
+        self._a_all, self._a_dirty = True, set()
         self._add_static()
         for key in sorted(self._raw, key=lambda k: not k.startswith(NODES_PREFIX)):   # nodes first
             self._refresh(key)
@@ -388,6 +413,8 @@ class NameIndex:
                     self._below[anc] += 1
             types.setdefault(rdtype, Counter())[text] += 1
             self._ttl[(name, rdtype)] = ttl
+            if rdtype == A:
+                self._a_dirty.add(name)
             self._rrsets.pop((name, rdtype), None)
             self._owned[key].append((name, rdtype, text))
 
@@ -396,6 +423,8 @@ class NameIndex:
             types = self._data[name]
             counts = types[rdtype]
             counts[text] -= 1
+            if rdtype == A:
+                self._a_dirty.add(name)
             if counts[text] <= 0:
                 del counts[text]
             if not counts:

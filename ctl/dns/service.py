@@ -1,14 +1,15 @@
 """The node's cluster DNS, as the daemon runs it: the name index, the server on the DNS
-VIP, the upstreams, and what feeds the index.
+VIP, the upstreams, what feeds the index, and the BPF fast path's name map it keeps
+equal to the index (ctl/dns/fastpath.py; given the daemon's maps).
 
 Two ways to feed it, one at a time:
-  - start(store, store_url): its own watch of the store on its own connection and thread
-    (what the daemon does now). The daemon's loop runs a full reconcile after every batch
-    of events, and `service add` writes its VIP claim and the service as separate
-    revisions: fed from that loop, a name waited for a whole reconcile (measured 280 ms on
-    a loaded machine), so the index does not wait for it;
-  - start(store) and then feed(events) with every batch a watch-driven daemon dispatches
-    (and resync(store) after it had to list again): for a daemon whose dispatch is cheap."""
+  - start(store) and then apply(key, value) from a watch-driven daemon's dispatch, flush()
+    after each batch it took off its watch (and resync(store) after it had to list again):
+    what the daemon does. The change reaches the index as the daemon's main thread takes it,
+    before the batching window and the reconcile (so a name never waits for those), and
+    the node watches the store once;
+  - start(store, store_url): its own watch of the store on its own connection and thread,
+    fed with feed(events) (for a user without a watch of its own)."""
 from __future__ import annotations
 
 import threading
@@ -20,6 +21,7 @@ from ..state.cluster import dns_vip_of, load_cluster_config
 from ..state.model import VIPS_PREFIX
 from ..state.names import DNS_VIP_OWNER
 from ..state.store import Compacted, Store, open_store
+from .fastpath import FastPath
 from .records import DEFAULT_POD_TTL, DEFAULT_SERVICE_TTL, PREFIXES, NameIndex
 from .server import DnsServer
 from .upstream import Upstream, parse_upstream, system_upstreams
@@ -35,10 +37,14 @@ class DnsService:
         self.index = NameIndex(service_ttl, pod_ttl)
         self.port = port
         self.server: DnsServer | None = None
+        self.fastpath: FastPath | None = None
+        self._pending = False   # apply() changed the index since the last flush()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def start(self, store: Store, store_url: str | None = None) -> None:
+    def start(self, store: Store, store_url: str | None = None, maps: dict | None = None) -> None:
+        if maps and "dns_names" in maps and "dns_config" in maps:
+            self.fastpath = FastPath(maps["dns_names"], maps["dns_config"])
         self.resync(store)
         vip = dns_vip_of(load_cluster_config(store))
         # Clusters initialised before the DNS VIP existed: claim it now (a no-op otherwise).
@@ -51,6 +57,8 @@ class DnsService:
         servers = self.upstream_args or system_upstreams(exclude={vip})
         self.server = DnsServer(self.index, Upstream(servers), vip, self.port)
         self.server.start()
+        if self.fastpath:   # after the server: a query the map cannot answer finds it listening
+            self.fastpath.enable(vip)
         log.info("dns_serving", address=f"{vip}:{self.server.port}", domain=self.index.domain,
                  upstreams=[f"{h}:{p}" for h, p in servers], records=len(self.index.rows()))
         if store_url:
@@ -87,12 +95,37 @@ class DnsService:
             items += [(kv.key, kv.value) for kv in kvs]
             revisions.append(rev)
         self.index.load(items)
+        self._sync_fastpath()
         return min(revisions)
 
-    def feed(self, events) -> None:
-        if self.index.apply_events(events) and self.server and self.index.dns_vip != self.server.address:
+    def _sync_fastpath(self) -> None:
+        if self.fastpath:
+            try:
+                self.fastpath.sync(self.index)
+            except Exception as exc:   # the map away or full: the server still answers every name
+                log.error("dns_fastpath_sync_failed", error=f"{type(exc).__name__}: {exc}")
+                self.index.a_changes_lost()   # the next sync is a full one
+
+    def apply(self, key: str, value: str | None) -> None:
+        """One store change (a daemon's dispatch handler); the fast path learns it at flush()."""
+        if self.index.apply(key, value):
+            self._pending = True
+
+    def flush(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._sync_fastpath()
+            self._check_vip()
+
+    def _check_vip(self) -> None:
+        if self.server and self.index.dns_vip != self.server.address:
             log.warning("dns_vip_changed", serving=self.server.address, configured=self.index.dns_vip,
                         note="restart the daemon to move the server")
+
+    def feed(self, events) -> None:
+        if self.index.apply_events(events):
+            self._sync_fastpath()
+            self._check_vip()
 
     def stop(self) -> None:
         self._stopping.set()

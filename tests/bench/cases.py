@@ -59,6 +59,9 @@ IPERF_VIP = "10.96.0.5"
 SVC_BASE = int(ipaddress.IPv4Address("10.96.16.0"))
 KP_CIDR = "10.247.0.0/16"
 DNS_LATENCY_QPS = 1000   # a steady rate both servers sustain: latency without queueing
+# An EDNS option (experimental code, RFC 6891) on every query: the BPF fast path answers only
+# plain queries (bpf/include/dns.h), so these reach the daemon's Python server.
+DNS_SERVER_ONLY_OPTION = "65001:00"
 
 
 def vip(i: int) -> str:
@@ -378,12 +381,14 @@ class Bench:
 
     def dns(self) -> None:
         """A queries for the service names (all of them, dnsperf cycling through the file) from
-        pod a: to n1's DNS VIP (the daemon's server, so the daemon runs: not paused) and to
+        pod a, so each goes through from_pod as a pod's query does: to n1's DNS VIP (answered
+        by the BPF fast path at from_pod; the daemon runs: not paused), the same queries with
+        an EDNS option the fast path leaves to the daemon's server (the server alone), and to
         dnsmasq in pod b serving the same names from a hosts file (a pod on the same node:
-        the same veth path, one hop)."""
+        the same veth path, one hop). All three interleaved in one run."""
         c = self.cfg
         n = max(c.service_counts)   # connections_vs_services left that many services in the store
-        self.step(f"case: DNS A queries of {n} service names (dnsperf: atomnet's server vs dnsmasq)")
+        self.step(f"case: DNS A queries of {n} service names (dnsperf from a pod: atomnet vs dnsmasq)")
         names = [f"s{i}.svc.cluster.local" for i in range(n)]
         queries = self.rig.tmp / "dnsperf.queries"
         queries.write_text("".join(f"{name} A\n" for name in names))
@@ -399,27 +404,64 @@ class Bench:
             assert out == [vip(n - 1)], f"{server} answered {out} for {names[-1]}"
         a = self.a["name"]
         secs = max(1.0, c.crr_seconds * 2)
+        fast_before = self.fast_answers()
+        opt = DNS_SERVER_ONLY_OPTION
         thr = interleave(c.reps, {
             "atomnet": lambda: measure.dnsperf(a, dns_vip, queries, secs),
+            "atomnet server": lambda: measure.dnsperf(a, dns_vip, queries, secs, edns_option=opt),
             "dnsmasq": lambda: measure.dnsperf(a, self.b["ip"], queries, secs),
         }, self.log, "dnsperf")
         lat = interleave(c.reps, {
             "atomnet": lambda: measure.dnsperf(a, dns_vip, queries, secs, max_qps=DNS_LATENCY_QPS),
+            "atomnet server": lambda: measure.dnsperf(a, dns_vip, queries, secs, max_qps=DNS_LATENCY_QPS,
+                                                      edns_option=opt),
             "dnsmasq": lambda: measure.dnsperf(a, self.b["ip"], queries, secs, max_qps=DNS_LATENCY_QPS),
         }, self.log, "dnsperf -Q")
+        fast = self.fast_answers() - fast_before
+        sent = sum(s.extra.get("sent", 0) for res in (thr, lat) for s in res["atomnet"].samples)
+        self.facts["dns_fast_path_answers"] = {"fast_answer_counter": fast, "plain_queries_sent": sent}
         label = f"{n:,}".replace(",", " ")
+        p50 = {k: Series(k, [Sample(x.extra["p50_ms"], x.flagged) for x in v.samples]) for k, v in lat.items()}
         self.rows += [
             Row(f"DNS: A queries of service names, {label} services", "queries/s at saturation (dnsperf, UDP)", "q/s",
                 thr["atomnet"], thr["dnsmasq"], [Target(">=", 1.0, text="≥ 1.0× dnsmasq")],
-                note="atomnet: the daemon's Python server (dnspython) on the node-local DNS VIP, the daemon running; "
-                     "dnsmasq: the same names from a hosts file, in a pod of the same node; one client pod, "
-                     "dnsperf's default 100 queries in flight"),
+                note="dnsperf in a pod (its queries go through from_pod); atomnet: the node-local DNS VIP, answered "
+                     "by the BPF fast path, the daemon running; dnsmasq: the same names from a hosts file, in a pod "
+                     "of the same node; dnsperf's default 100 queries in flight"),
             Row(f"DNS: A queries of service names, {label} services",
                 f"latency p99 at {DNS_LATENCY_QPS} queries/s (dnsperf -Q, UDP)", "ms", lat["atomnet"], lat["dnsmasq"],
                 [Target("<=", 1.0, text="≤ 1.0× dnsmasq")], better="lower"),
+            Row(f"DNS: A queries of service names, {label} services",
+                f"latency p50 at {DNS_LATENCY_QPS} queries/s (same runs)", "ms", p50["atomnet"], p50["dnsmasq"], [],
+                better="lower"),
+            Row(f"DNS: A queries of service names, {label} services",
+                "queries/s at saturation, the server alone (EDNS option: no fast path)", "q/s",
+                thr["atomnet server"], thr["dnsmasq"], [],
+                note="the daemon's Python server (dnspython) that answers every query the fast path leaves"),
+            Row(f"DNS: A queries of service names, {label} services",
+                f"latency p99 at {DNS_LATENCY_QPS} queries/s, the server alone", "ms", lat["atomnet server"],
+                lat["dnsmasq"], [], better="lower"),
         ]
         self.series["dns"] = {"qps": {k: v.to_dict() for k, v in thr.items()},
                               "p99": {k: v.to_dict() for k, v in lat.items()}}
+
+    def fast_answers(self) -> int:
+        rows = self.n1.atomnet_json("stats")
+        return next(r["packets"] for r in rows if r["counter"] == "dns_fast_answer")
+
+    def run_dns(self) -> None:
+        """Only the DNS rows (`python -m tests.bench.run --only dns`): node n1, pods a and b,
+        the largest service count (each service backed by b), then the DNS case."""
+        self.step("setup: atomnet node n1 (daemon, pods a, b)")
+        self.n1 = self.rig.add_node("n1")
+        self.n1.start_daemon()
+        self.a, self.b = self.n1.add_pod("a"), self.n1.add_pod("b")
+        for pod in (self.a, self.b):
+            self.n1.wait_endpoint(pod["ip"])
+        n = max(self.cfg.service_counts)
+        self.step(f"setup: {n} services")
+        self.atomnet_apply(self.n1, [service_doc(i, [self.b["name"]]) for i in range(n)], min_changes=1, timeout=900)
+        self.dns()
 
     # ------------------------------------------------------------------ control plane
 

@@ -99,12 +99,16 @@ _SENT = re.compile(r"Queries sent:\s+(\d+)")
 _REPLY = re.compile(r"^> (\S+) .* ([\d.]+)$", re.M)   # dnsperf -v: "> NOERROR name A 0.000123"
 
 
-def dnsperf(client_ns: str, server: str, datafile: Path, seconds: float, max_qps: int | None = None) -> Sample:
+def dnsperf(client_ns: str, server: str, datafile: Path, seconds: float, max_qps: int | None = None,
+            edns_option: str | None = None) -> Sample:
     """dnsperf over UDP for `seconds`. Unlimited (max_qps None): the value is queries/s at
     saturation. With max_qps: the value is the p99 latency in ms at that steady rate, from
     dnsperf -v's per-query latencies (2.10 prints no percentiles). A run that lost queries
-    or got anything but NOERROR is flagged."""
+    or got anything but NOERROR is flagged. edns_option ("CODE:HEX"): every query carries it
+    (EDNS), e.g. one that atomnet's BPF fast path does not answer, so its server does."""
     cmd = ["dnsperf", "-s", server, "-d", datafile, "-l", seconds, "-t", 2]
+    if edns_option:
+        cmd += ["-E", edns_option]
     if max_qps:
         cmd += ["-Q", max_qps, "-v"]
     res = _run(client_ns, *cmd, timeout=seconds + 30)

@@ -180,6 +180,34 @@ def test_changes_apply_incrementally_and_serial_moves(index):
     assert ask(index, "svc.cluster.local", T.A)[0] == "NXDOMAIN"   # no longer an empty non-terminal
 
 
+def test_fast_path_changes_list_single_a_records_once(index):
+    """What the BPF name map is fed (ctl/dns/fastpath.py): every A name after a load, then
+    only the names a change touched (names with exactly one address)."""
+    from ctl.dataplane.bpf.types import DnsNameKey, dns_name_text, dns_name_wire
+    full, changes = index.take_a_changes()
+    assert full and changes["web.svc.cluster.local."] == ("10.96.0.2", 30)
+    assert changes["web1.pod.cluster.local."] == ("10.244.1.2", 5)
+    assert changes["n1.node.cluster.local."] == ("192.168.100.1", 30)
+    assert all(v is not None for v in changes.values())
+    assert index.take_a_changes() == (False, {})
+    index.apply("/atomnet/services/db", svc("db", "10.96.0.3", 5432).to_json())
+    index.apply("/atomnet/services/web", None)
+    assert index.take_a_changes() == (False, {"db.svc.cluster.local.": ("10.96.0.3", 30),
+                                              "web.svc.cluster.local.": None})
+    # two forwards of pod web1 on host IPs other than the node's: one A each (not fast-pathed if two)
+    index.apply("/atomnet/forwards/f1", Forward("f1", "n1", "192.168.100.7", 81, "tcp", "web1", 81, 8).to_json())
+    assert index.take_a_changes()[1] == {"192-168-100-7.n1.node.cluster.local.": ("192.168.100.7", 5)}
+    index.a_changes_lost()
+    assert index.take_a_changes()[0]
+    # the key: wire format, lower case, the root byte included; too long for the key: refused
+    assert dns_name_wire("Web.SVC.cluster.local.") == b"\x03web\x03svc\x07cluster\x05local\x00"
+    key = DnsNameKey.from_dict({"name": "web.svc.cluster.local"})
+    assert bytes(key).rstrip(b"\0") + b"\0" == dns_name_wire("web.svc.cluster.local")
+    assert key.to_dict() == {"name": "web.svc.cluster.local."} and dns_name_text(b"\0") == "."
+    with pytest.raises(ValueError, match="key holds 128"):
+        dns_name_wire(".".join(["a" * 63, "b" * 63]))
+
+
 def test_node_ports_are_srv_records_per_node(index):
     index.apply("/atomnet/services/np", svc("np", "10.96.0.4", 80, node_port=30080).to_json())
     index.apply("/atomnet/nodes/n2", node("n2", "192.168.100.2").to_json())

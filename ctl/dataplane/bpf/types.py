@@ -33,7 +33,9 @@ class CounterId(enum.IntEnum):
     CTR_SNAT_REV = 15
     CTR_SNAT_ICMP_ERROR = 16
     CTR_SNAT_PORT_EXHAUSTED = 17
-    CTR_MAX = 18
+    CTR_DNS_FAST_ANSWER = 18
+    CTR_DNS_FAST_PASS = 19
+    CTR_MAX = 20
 
 
 class CtDir(enum.IntEnum):
@@ -64,7 +66,9 @@ class EventType(enum.IntEnum):
     EV_TRANSLATE = 2
 
 
-IPV4, MAC, BE16 = "ipv4", "mac", "be16"
+IPV4, MAC, BE16, DNSNAME = "ipv4", "mac", "be16", "dnsname"
+DNS_NAME_KEY_LEN = 128   # types.h DNS_NAME_KEY_LEN
+DNS_MSG_MAX = 176        # types.h DNS_MSG_MAX
 
 
 class Mirror(ct.Structure):
@@ -96,6 +100,8 @@ def _decode(value, fmt):
         return ":".join(f"{b:02x}" for b in bytes(value))
     if fmt == BE16:
         return socket.ntohs(value)
+    if fmt == DNSNAME:
+        return dns_name_text(bytes(value))
     if isinstance(value, ct.Array):
         return list(value)
     return value
@@ -111,7 +117,28 @@ def _encode(value, fmt, ctype):
         return ctype.from_buffer_copy(bytes.fromhex(value.replace(":", "")))
     if fmt == BE16:
         return socket.htons(value)
+    if fmt == DNSNAME:
+        return ctype.from_buffer_copy(dns_name_wire(value).ljust(ct.sizeof(ctype), b"\0"))
     return value
+
+
+def dns_name_wire(name: str) -> bytes:
+    """A name as struct dns_name_key holds it: wire format, lower-case, the root's 0 byte included."""
+    labels = [lbl for lbl in name.lower().rstrip(".").split(".") if lbl] if name.strip(".") else []
+    if any(len(lbl) > 63 for lbl in labels):
+        raise ValueError(f"label longer than 63 bytes in {name!r}")
+    wire = b"".join(bytes([len(lbl)]) + lbl.encode("ascii") for lbl in labels) + b"\0"
+    if len(wire) > DNS_NAME_KEY_LEN:
+        raise ValueError(f"{name!r} is {len(wire)} bytes in wire format, the fast path's key holds {DNS_NAME_KEY_LEN}")
+    return wire
+
+
+def dns_name_text(wire: bytes) -> str:
+    labels, i = [], 0
+    while i < len(wire) and wire[i]:
+        labels.append(wire[i + 1:i + 1 + wire[i]].decode("ascii", "replace"))
+        i += 1 + wire[i]
+    return ".".join(labels) + "."
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -220,6 +247,26 @@ class Event(Mirror):
     _format_ = {"saddr": IPV4, "daddr": IPV4, "sport": BE16, "dport": BE16, "nat_ip": IPV4, "nat_port": BE16}
 
 
+class DnsNameKey(Mirror):
+    _fields_ = [("name", ct.c_uint8 * DNS_NAME_KEY_LEN)]
+    _format_ = {"name": DNSNAME}
+
+
+class DnsNameValue(Mirror):
+    _fields_ = [("ip", ct.c_uint32), ("ttl", ct.c_uint32)]
+    _format_ = {"ip": IPV4}
+
+
+class DnsConfig(Mirror):
+    _fields_ = [("vip", ct.c_uint32), ("flags", ct.c_uint32)]
+    _format_ = {"vip": IPV4}
+
+
+class DnsScratch(Mirror):
+    _fields_ = [("key", DnsNameKey), ("msg", ct.c_uint8 * DNS_MSG_MAX), ("namelen", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
 class U32(Mirror):
     """A bare __u32 key (array index)."""
     _fields_ = [("value", ct.c_uint32)]
@@ -246,6 +293,10 @@ MIRRORS: dict[str, type[Mirror]] = {
     "snat_exclude_key": SnatExcludeKey,
     "snat_exclude_value": SnatExcludeValue,
     "event": Event,
+    "dns_name_key": DnsNameKey,
+    "dns_name_value": DnsNameValue,
+    "dns_config": DnsConfig,
+    "dns_scratch": DnsScratch,
     "__u32": U32,
 }
 
