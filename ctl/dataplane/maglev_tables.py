@@ -18,7 +18,7 @@ import ctypes as ct
 import errno
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import structlog
 
@@ -48,8 +48,13 @@ def _slot_keys(size: int):
     return (ct.c_uint32 * size)(*range(size))
 
 
+@lru_cache(maxsize=1 << 16)
+def _addr(ip: str, port: int) -> bytes:
+    return BackendAddr.from_dict({"ip": ip, "port": port}).to_bytes()
+
+
 def _packed(spec: MaglevSpec) -> bytes:
-    return b"".join(BackendAddr.from_dict({"ip": ip, "port": port}).to_bytes() for ip, port in spec.backends)
+    return b"".join(_addr(ip, port) for ip, port in spec.backends)
 
 
 def table_bytes(spec: MaglevSpec) -> bytes:

@@ -76,8 +76,9 @@ class Reconciler:
                 res.tables_built = self.tables.set_many(wanted)
                 if wanted:
                     res.upserts[MAGLEV] = len(wanted)
-                    log_changes("maglev", "maglev_table_set", ({"service_id": sid, "table_size": s.table_size,
-                                                                "backends": len(s.backends)} for sid, s in wanted.items()))
+                    log_changes("maglev", "maglev_table_set", list(wanted.items()),
+                                lambda item: {"service_id": item[0], "table_size": item[1].table_size,
+                                              "backends": len(item[1].backends)})
             ups = {k: v for k, v in changes.get(name, {}).items() if v is not None}
             if ups:
                 done = self.caches[name].upsert(ups)
@@ -88,7 +89,7 @@ class Reconciler:
                 gone = sorted(sid for sid, spec in tables.items() if spec is None)
                 if gone:
                     res.deletes[MAGLEV] = self.tables.remove_many(gone)
-                    log_changes("maglev", "maglev_table_deleted", ({"service_id": sid} for sid in gone))
+                    log_changes("maglev", "maglev_table_deleted", gone, lambda sid: {"service_id": sid})
             dels = [k for k, v in changes.get(name, {}).items() if v is None]
             if dels:
                 done = self.caches[name].delete(dels)
