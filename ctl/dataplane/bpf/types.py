@@ -228,7 +228,7 @@ class ServiceKey(Mirror):
 
 class ServiceInfo(Mirror):
     _fields_ = [("id", ct.c_uint32), ("backend_count", ct.c_uint32), ("table_size", ct.c_uint32),
-                ("affinity_timeout", ct.c_uint32), ("digest", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("affinity_timeout", ct.c_uint32), ("digest", ct.c_uint32), ("table", ct.c_uint32)]
 
 
 class BackendAddr(Mirror):

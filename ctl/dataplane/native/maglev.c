@@ -117,7 +117,7 @@ done:
 }
 
 /* Fills a BPF_F_MMAPABLE array map of m entries of esize bytes: slot k gets the esize bytes
- * of the backend that owns it (addrs holds n of them, packed). */
+ * of the backend that owns it (addrs holds n of them, packed); n = 0 zeroes it. */
 int maglev_fill(int map_fd, uint32_t n, const uint64_t *offset, const uint64_t *skip, uint32_t m,
 		const uint8_t *addrs, uint32_t esize)
 {
@@ -128,6 +128,14 @@ int maglev_fill(int map_fd, uint32_t n, const uint64_t *offset, const uint64_t *
 	uint32_t k;
 	int rc;
 
+	if (n == 0) {   /* no backends: every slot zero ("no backend"); a recycled table held others */
+		dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, map_fd, 0);
+		if (dst == MAP_FAILED)
+			return -errno;
+		memset(dst, 0, (size_t)m * esize);
+		munmap(dst, len);
+		return 0;
+	}
 	idx = malloc(sizeof(*idx) * m);
 	if (!idx)
 		return -ENOMEM;
