@@ -52,9 +52,12 @@ from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
 
-# Events arriving within this long of each other are one sync (a burst such as `apply -f`
-# becomes one write per map), but a sync never waits longer than BATCH_MAX for quiet.
-BATCH_WINDOW = 0.001
+# Events already queued when a sync starts are one sync (a burst such as `apply -f`, one
+# store transaction, arrives as one watch batch and becomes one write per map); a sync
+# collects for at most BATCH_MAX. BATCH_WINDOW is how long to wait for one more event: 0,
+# because on a loaded machine a 1 ms timed wait sleeps far longer than 1 ms, and each
+# sync is incremental (a second small one costs less than waiting for it).
+BATCH_WINDOW = 0.0
 BATCH_MAX = 0.05
 # The rare full comparison (model against from scratch, caches against the kernel).
 DRIFT_SECONDS = 300.0
