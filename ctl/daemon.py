@@ -42,7 +42,7 @@ from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, l
 from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
 from .dns.service import DnsService
 from .errors import AtomnetError
-from .observe.metrics import Metrics
+from .observe.metrics import FrontendSeries, Metrics
 from .dataplane.reconcile import Reconciler
 from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
                           SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError,
@@ -101,6 +101,7 @@ class Daemon:
         self.metrics_address = metrics
         self.debug_events = debug_events
         self.metrics = Metrics()
+        self.frontend_series = FrontendSeries()   # the scrape's per-frontend label lines, kept
         self.model = Model(node_name, debug_events=debug_events)
         self.reconciler: Reconciler | None = None
         self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own threads
@@ -234,7 +235,7 @@ class Daemon:
     def snapshot(self) -> dict:
         """What the metrics endpoint reports: map sizes from the caches, counters read from
         the kernel at scrape time (batch lookups), names from the model."""
-        from .observe.metrics import dataplane_counters, frontend_counters
+        from .observe.metrics import backend_totals, dataplane_counters
         out: dict = {}
         try:
             rec = self.reconciler
@@ -243,14 +244,19 @@ class Daemon:
             if rec is not None:
                 out["maps"] = [{"name": n, "entries": len(c), "max_entries": c.map.info.max_entries}
                                for n, c in rec.caches.items()]
-                names = {p.id: s.name for s in list(self.model.services.values()) for p in s.ports}
-                names.update({f.service_id: f"forward:{f.id}" for f in list(self.model.forwards.values())})
-                out["services"] = frontend_counters(rec.maps["backends"], rec.caches["services"].cache, names)
+                services = rec.caches["services"]
+                self.frontend_series.rows(services.version, services.cache, self._frontend_names)
+                out["services_text"] = self.frontend_series.render(*backend_totals(rec.maps["backends"]))
                 out["drift_repairs"] = rec.drift_repairs
             out["lease"] = {"subnet": self.node.subnet, "remaining": self.store.lease_ttl(self.lease_id)}
         except AtomnetError as exc:   # before the first pin, or the store away: report what there is
             log.debug("metrics_partial", error=str(exc))
         return out
+
+    def _frontend_names(self) -> dict[int, str]:
+        names = {p.id: s.name for s in list(self.model.services.values()) for p in s.ports}
+        names.update({f.service_id: f"forward:{f.id}" for f in list(self.model.forwards.values())})
+        return names
 
     def reconcile(self, force_attach: bool = False) -> None:
         """One sync: the model's pending changes (all of them, the first time) to the kernel."""

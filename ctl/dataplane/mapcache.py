@@ -73,6 +73,7 @@ class MapCache:
         self.name = name
         self.keys_only = keys_only
         self.cache: dict[Frozen, Frozen] = self.read_kernel()
+        self.version = 0   # bumped by every write: what is derived from the cache knows it is stale
 
     def read_kernel(self) -> dict[Frozen, Frozen]:
         if self.keys_only:
@@ -92,6 +93,7 @@ class MapCache:
             m = self.map
             put_chunked(m, list(out.upserts.items()))
             self.cache.update(out.upserts)
+            self.version += 1
             log_changes(self.name, "map_upsert", list(out.upserts.items()),
                         lambda kv: {"key": dict(kv[0]), "value": dict(kv[1])} if kv[1] else {"key": dict(kv[0])})
         return out
@@ -106,6 +108,7 @@ class MapCache:
                 m.delete(k)
             for k in out.deletes:
                 del self.cache[k]
+            self.version += 1
             log_changes(self.name, "map_delete", out.deletes, lambda k: {"key": dict(k)})
         return out
 
