@@ -446,7 +446,11 @@ class Daemon:
                     self.reconcile(force_attach=True)
                     log.info("reloaded")
             except AtomnetError as exc:
+                # A pass that failed half way (the kernel refused a write) has drained the
+                # model's pending changes: the drift check, due in a second, re-reads the
+                # kernel and writes whatever differs from a from-scratch computation.
                 log.error("reconcile_failed", error=str(exc))
+                self.last_drift = min(self.last_drift, time.monotonic() - DRIFT_SECONDS + 1.0)
                 time.sleep(1)
             except Exception as exc:  # a bug or a surprise from the kernel: log it, keep serving
                 log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")

@@ -25,10 +25,11 @@ log = structlog.get_logger("atomnet.reconcile")
 LOG_EACH_LIMIT = 50
 # Batch writes go in chunks: a per-CPU hash without preallocation takes each new element's
 # per-CPU memory from pages the kernel populates in the background, and a batch of 100 000
-# new keys outruns it (ENOMEM, seen on 6.18 from ~100k keys in one batch); a chunk that
-# hits it is retried once the kernel has had a moment to populate more.
-CHUNK = 8192
-ENOMEM_RETRIES = 12
+# new keys outruns it (ENOMEM, seen on 6.18 from ~100k keys in one batch, and with chunks
+# of 8 192 written back to back under load); a chunk that hits it is retried once the
+# kernel has had a moment to populate more.
+CHUNK = 4096
+ENOMEM_RETRIES = 15   # 1 ms doubling: ~65 s in all (the kernel's populating work runs late under load)
 
 
 def put_chunked(m: Map, items: list) -> None:
@@ -45,7 +46,7 @@ def put_chunked(m: Map, items: list) -> None:
                 if exc.errno != errno.ENOMEM or attempt == ENOMEM_RETRIES:
                     raise
                 log.debug("map_write_enomem_retry", map=m.name, attempt=attempt + 1)
-                time.sleep(0.001 * 2 ** attempt)   # backoff for a kernel resource, up to ~4 s in all
+                time.sleep(0.001 * 2 ** attempt)   # backoff for a kernel resource
 
 
 def log_changes(name: str, event: str, items, describe) -> None:
