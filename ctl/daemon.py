@@ -26,6 +26,7 @@ is a `set_X` input and a `_contrib_X` method on the Model (see its header).
 """
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -43,7 +44,7 @@ from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
 from .dns.records import PREFIXES as NAME_PREFIXES
 from .dns.service import DnsService
 from .errors import AtomnetError
-from .observe.metrics import Metrics
+from .observe.metrics import FrontendSeries, Metrics
 from .dataplane.reconcile import Reconciler
 from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KEY, PODS_PREFIX, SERVICES_PREFIX,
                           SUBNETS_PREFIX, ClusterConfig, Forward, Lease, Pod, Service, ValidationError,
@@ -54,9 +55,12 @@ from .state.store import Compacted, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
 
-# Events arriving within this long of each other are one sync (a burst such as `apply -f`
-# becomes one write per map), but a sync never waits longer than BATCH_MAX for quiet.
-BATCH_WINDOW = 0.001
+# Events already queued when a sync starts are one sync (a burst such as `apply -f`, one
+# store transaction, arrives as one watch batch and becomes one write per map); a sync
+# collects for at most BATCH_MAX. BATCH_WINDOW is how long to wait for one more event: 0,
+# because on a loaded machine a 1 ms timed wait sleeps far longer than 1 ms, and each
+# sync is incremental (a second small one costs less than waiting for it).
+BATCH_WINDOW = 0.0
 BATCH_MAX = 0.05
 # The rare full comparison (model against from scratch, caches against the kernel).
 DRIFT_SECONDS = 300.0
@@ -100,6 +104,7 @@ class Daemon:
         self.metrics_address = metrics
         self.debug_events = debug_events
         self.metrics = Metrics()
+        self.frontend_series = FrontendSeries()   # the scrape's per-frontend label lines, kept
         self.model = Model(node_name, debug_events=debug_events)
         self.reconciler: Reconciler | None = None
         self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own server threads
@@ -237,7 +242,7 @@ class Daemon:
     def snapshot(self) -> dict:
         """What the metrics endpoint reports: map sizes from the caches, counters read from
         the kernel at scrape time (batch lookups), names from the model."""
-        from .observe.metrics import dataplane_counters, frontend_counters
+        from .observe.metrics import backend_totals, dataplane_counters
         out: dict = {}
         try:
             rec = self.reconciler
@@ -246,14 +251,19 @@ class Daemon:
             if rec is not None:
                 out["maps"] = [{"name": n, "entries": len(c), "max_entries": c.map.info.max_entries}
                                for n, c in rec.caches.items()]
-                names = {p.id: s.name for s in list(self.model.services.values()) for p in s.ports}
-                names.update({f.service_id: f"forward:{f.id}" for f in list(self.model.forwards.values())})
-                out["services"] = frontend_counters(rec.maps["backends"], rec.caches["services"].cache, names)
+                services = rec.caches["services"]
+                self.frontend_series.rows(services.version, services.cache, self._frontend_names)
+                out["services_text"] = self.frontend_series.render(*backend_totals(rec.maps["backends"]))
                 out["drift_repairs"] = rec.drift_repairs
             out["lease"] = {"subnet": self.node.subnet, "remaining": self.store.lease_ttl(self.lease_id)}
         except AtomnetError as exc:   # before the first pin, or the store away: report what there is
             log.debug("metrics_partial", error=str(exc))
         return out
+
+    def _frontend_names(self) -> dict[int, str]:
+        names = {p.id: s.name for s in list(self.model.services.values()) for p in s.ports}
+        names.update({f.service_id: f"forward:{f.id}" for f in list(self.model.forwards.values())})
+        return names
 
     def reconcile(self, force_attach: bool = False) -> None:
         """One sync: the model's pending changes (all of them, the first time) to the kernel."""
@@ -290,6 +300,13 @@ class Daemon:
             log.info("reconciled", changes=total, tables_built=res.tables_built,
                      seconds=round(time.monotonic() - started, 4))
         if total > 1000:
+            # The model now holds millions of long-lived tuples and dicts: every full pass of
+            # the cyclic garbage collector would walk them all (hundreds of ms at 10 000
+            # services, landing on whichever change is being applied). Collect once, then
+            # move them out of the collector's generations (gc.freeze; refcounting still
+            # frees what a later change drops).
+            gc.collect()
+            gc.freeze()
             _trim_heap()   # a big sync's temporaries: give the freed heap back (RSS, not just free lists)
 
     def drift_check(self) -> None:
@@ -453,7 +470,11 @@ class Daemon:
                     self.reconcile(force_attach=True)
                     log.info("reloaded")
             except AtomnetError as exc:
+                # A pass that failed half way (the kernel refused a write) has drained the
+                # model's pending changes: the drift check, due in a second, re-reads the
+                # kernel and writes whatever differs from a from-scratch computation.
                 log.error("reconcile_failed", error=str(exc))
+                self.last_drift = min(self.last_drift, time.monotonic() - DRIFT_SECONDS + 1.0)
                 time.sleep(1)
             except Exception as exc:  # a bug or a surprise from the kernel: log it, keep serving
                 log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")

@@ -104,7 +104,7 @@ static __always_inline int select_backend(const struct flow *f, const struct ser
 			return 0;
 		}
 	}
-	table = bpf_map_lookup_elem(&maglev, &svc->id);
+	table = bpf_map_lookup_elem(&maglev, &svc->table);
 	if (!table || svc->table_size == 0)
 		return -1;
 	index = flow_hash(f) % svc->table_size;

@@ -86,7 +86,7 @@ struct maglev_table {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
-	__type(key, __u32);		/* service_info.id */
+	__type(key, __u32);		/* service_info.table */
 	__uint(max_entries, MAX_SERVICE_PORTS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

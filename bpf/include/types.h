@@ -101,12 +101,14 @@ struct service_key {
 };
 
 struct service_info {
-	__u32 id;			/* service-port id: key of maglev and of backends; host order */
+	__u32 id;			/* service-port id: key of backends and affinity; host order */
 	__u32 backend_count;		/* 0: refuse new flows at once */
 	__u32 table_size;		/* entries of this service's Maglev table (prime) */
 	__u32 affinity_timeout;		/* client-IP affinity in seconds; 0 = none */
 	__u32 digest;			/* of the backend set the Maglev table was built from (control plane's) */
-	__u32 pad;
+	__u32 table;			/* key of its Maglev table in maglev (shared by backend set, chosen by
+					 * ctl/dataplane/maglev_tables.py; pointing a service at another table is
+					 * an update of this entry, not of the map-in-map, which waits for RCU) */
 };
 
 /* A backend address: the value of every Maglev slot. */

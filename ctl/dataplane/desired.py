@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .bpf.types import CFG_F_DEBUG_EVENTS, CFG_F_MASQUERADE, SnatExcludeKind
 from ..node.netplumb import LinkInfo
@@ -197,6 +198,12 @@ def compute(node: str, pods: list[Pod], links: dict[str, LinkInfo], services: li
 # oracle this must equal (tests/unit/test_desired_incremental.py, and the drift check).
 
 MAGLEV, INGRESS, EGRESS = "maglev", "ingress", "egress"   # pseudo-maps beside OWNED_MAPS
+
+# Memory (100 000 backend entries at 10 000 services): a backend key's (field, value) pairs
+# repeat across services (a few hundred pods), and a source's rank is the same for all its
+# keys: one shared tuple each instead of one per key (~30 MB less at 10 000 services).
+_pair = lru_cache(maxsize=1 << 16)(lambda name, value: (name, value))
+_source_rank = lru_cache(maxsize=1 << 17)(lambda rank, name: (rank, name))
 _RANK = {"config": 0, "lease": 1, "pod": 2, "svc": 3, "fwd": 4, "netdev": 5}   # compute's write order
 
 
@@ -413,7 +420,7 @@ class Model:
         """Where two sources give the same key, the higher rank wins, as compute() decides: the
         later one in its write order; for a contested frontend (a NodePort and a host port on
         one address, port and protocol) the older one, lower id (ids only grow)."""
-        base = (_RANK[source[0]], source[1])
+        base = _source_rank(_RANK[source[0]], source[1])
         return (-dict(value)["id"], *base) if name == "services" else base
 
     def _replace(self, source: tuple[str, str], new: dict) -> None:
@@ -558,8 +565,9 @@ class Model:
     def _frontend(self, out: dict, sid: int, ready: list[tuple[str, int]]) -> dict:
         spec = maglev_spec(ready, self.table_size_for)
         out[(MAGLEV, sid)] = spec
+        sid_pair = ("service_id", sid)
         for ip, bport in spec.backends:   # freeze({"service_id", "ip", "port"}), built directly
-            out[("backends", (("ip", ip), ("port", bport), ("service_id", sid)))] = ()
+            out[("backends", (_pair("ip", ip), _pair("port", bport), sid_pair))] = ()
         return spec
 
     def _contrib_svc(self, name: str) -> dict:

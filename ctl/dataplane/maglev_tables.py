@@ -1,13 +1,20 @@
 """The kernel's Maglev tables, one inner map per distinct backend set, shared by every
-service port with that set and across reconcile passes (refcounted: a table lives while
-some service port's slot in the outer `maglev` map points at it, and is forgotten, so the
-kernel frees it, when the last one moves away).
+service port with that set and across reconcile passes (refcounted).
 
-A table is built in a new inner map (created BPF_F_MMAPABLE, filled through mmap by the
-compiled populate loop: ctl/dataplane/native/maglev.c) and swapped in with one update of
-the outer map: the program sees the old table or the new one, never a half-written one.
-Swaps are batched: every map-in-map update makes the kernel wait for an RCU grace period,
-a batch waits once.
+Why a service entry names its table (service_info.table, the key of the outer `maglev` map)
+instead of the outer map being keyed by service port: every update or delete of a map-in-map
+from a syscall makes the kernel wait for an RCU grace period (maybe_wait_bpf_programs: ~10 ms
+measured here, per syscall; a batch waits once). Keyed by service port, each change of a
+service waited one. Now the outer map changes only when the pool of tables grows or
+shrinks; a change writes a table's content (through mmap) into a table no service points at,
+then points its service entries at it (a plain hash update: the program sees the old entry
+or the new one, and so the old table or the new one, never a half-written one).
+
+The pool: a table whose last user moved away cools for COOL_SECONDS (a program that read
+the old service entry may still be reading it) and then is a spare; `refill()` (the
+reconciler calls it after a pass's map writes, so no change waits for it) keeps
+SPARES_LOW..SPARES_MAX spares of the default size in the outer map, adding them in one
+batch and deleting the surplus (the kernel frees those) in one batch.
 
 Pinned outer maps made by an older generation whose inner template was not mmapable
 reject mmapable tables (EINVAL): then tables are filled with a batch update instead.
@@ -16,9 +23,11 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import structlog
 
@@ -33,13 +42,18 @@ log = structlog.get_logger("atomnet.maglev")
 
 Shape = tuple   # (table_size, sorted ((ip, port), ...)): what a table's content depends on
 
-# ctypes calls release the GIL: tables are built on this many threads at once.
+# ctypes calls release the GIL: many tables are filled on this many threads at once.
 BUILD_THREADS = 2
+PARALLEL_FROM = 16          # fewer tables than this are filled inline (a thread hand-off costs more)
+COOL_SECONDS = 1.0          # an unused table is reused only after this (programs may still read it)
+SPARES_LOW, SPARES_BATCH, SPARES_MAX = 16, 64, 256   # spare tables of the default size
 
 
 @dataclass
 class Table:
+    key: int          # its key in the outer map (what service_info.table holds)
     map_id: int
+    size: int
     refs: int = 0
 
 
@@ -48,8 +62,13 @@ def _slot_keys(size: int):
     return (ct.c_uint32 * size)(*range(size))
 
 
+@lru_cache(maxsize=1 << 16)
+def _addr(ip: str, port: int) -> bytes:
+    return BackendAddr.from_dict({"ip": ip, "port": port}).to_bytes()
+
+
 def _packed(spec: MaglevSpec) -> bytes:
-    return b"".join(BackendAddr.from_dict({"ip": ip, "port": port}).to_bytes() for ip, port in spec.backends)
+    return b"".join(_addr(ip, port) for ip, port in spec.backends)
 
 
 def table_bytes(spec: MaglevSpec) -> bytes:
@@ -66,7 +85,12 @@ class MaglevTables:
     def __init__(self, outer: Map):
         self.outer = outer
         self.tables: dict[Shape, Table] = {}
-        self.slots: dict[int, Shape] = {}    # service-port id -> the shape its outer slot points at
+        self.slots: dict[int, Shape] = {}    # service-port id -> the shape of the table it uses
+        self.spares: dict[int, list[Table]] = {}       # table size -> tables ready for reuse
+        self.cooling: deque[tuple[float, Table]] = deque()   # (when it was released, table)
+        self.keys_used: set[int] = self.live_ids()     # every outer key: ours, and an older generation's
+        self.stale: set[int] = set()                   # outer keys nobody adopted (deleted by refill)
+        self.next_key = 1
         self.mmapable = True
         self.built_total = 0
 
@@ -74,16 +98,27 @@ class MaglevTables:
     def shape(spec: MaglevSpec) -> Shape:
         return (spec.table_size, spec.backends)
 
-    def adopt(self, sid: int, spec: MaglevSpec) -> bool:
-        """At start: a live slot whose service entry carries this spec's digest already holds
-        this table (a restarted daemon keeps it instead of rebuilding). False if absent."""
-        if self.slots.get(sid) == self.shape(spec):
-            return True
-        inner = ct.c_uint32()
-        if not sc.lookup(self.outer.fd, U32(value=sid), inner):
-            return False
+    def key_of(self, sid: int) -> int:
+        """The outer key of a service port's table (service_info.table); 0 when it has none."""
+        shape = self.slots.get(sid)
+        return self.tables[shape].key if shape is not None else 0
+
+    def adopt(self, sid: int, spec: MaglevSpec, key: int) -> bool:
+        """At start: a live service entry that carries this spec's digest points at outer key
+        `key`, which holds this table (a restarted daemon keeps it instead of rebuilding)."""
         shape = self.shape(spec)
-        table = self.tables.setdefault(shape, Table(inner.value))
+        if self.slots.get(sid) == shape:
+            return True
+        table = self.tables.get(shape)
+        if table is None:
+            inner = ct.c_uint32()
+            if not key or not sc.lookup(self.outer.fd, U32(value=key), inner):
+                return False
+            table = self.tables[shape] = Table(key, inner.value, spec.table_size)
+        elif table.key != key:
+            return False
+        self.stale.discard(key)
+        self._unref(self.slots.get(sid))
         table.refs += 1
         self.slots[sid] = shape
         return True
@@ -91,68 +126,71 @@ class MaglevTables:
     def live_ids(self) -> set[int]:
         return {k.value for k in self.outer.keys()}
 
+    def mark_stale(self, keys) -> None:
+        """Outer keys in the kernel that no adopted table uses (an older generation's)."""
+        self.stale.update(keys)
+
     def set_many(self, specs: dict[int, MaglevSpec]) -> int:
-        """Points each service port at the table of its spec, building the missing ones.
-        Returns how many tables were built."""
+        """Points each service port at the table of its spec (key_of then says which),
+        filling the missing ones: into spares where there are, else into new inner maps
+        added to the outer map in one batch. Returns how many tables were filled."""
         todo = {sid: spec for sid, spec in specs.items() if self.slots.get(sid) != self.shape(spec)}
         if not todo:
             return 0
+        self._cool()
         missing = {self.shape(s): s for s in todo.values() if self.shape(s) not in self.tables}
-        fds: dict[Shape, int] = {}
-        try:
-            if missing:
-                with ThreadPoolExecutor(BUILD_THREADS) as pool:
-                    for shape, fd in zip(missing, pool.map(self._build, missing.values())):
-                        fds[shape] = fd
-            for shape, table in ((s, self.tables[s]) for s in {self.shape(x) for x in todo.values()} - set(fds)):
-                try:
-                    fds[shape] = sc.map_fd_by_id(table.map_id)
-                except sc.BpfError:   # freed behind our back: build it again
-                    del self.tables[shape]
-                    fds[shape] = self._build(todo[next(i for i, s in todo.items() if self.shape(s) == shape)])
-            sids = list(todo)
-            keys = (ct.c_uint32 * len(sids))(*sids)
-            values = (ct.c_uint32 * len(sids))(*(fds[self.shape(todo[sid])] for sid in sids))
-            sc.update_batch(self.outer.fd, keys, values, len(sids))
-            for shape, fd in fds.items():
-                if shape not in self.tables:
-                    self.tables[shape] = Table(sc.map_info(fd).id)
-            for sid, spec in todo.items():
-                self._unref(self.slots.get(sid))
-                self.slots[sid] = self.shape(spec)
-                self.tables[self.shape(spec)].refs += 1
-        except sc.BpfError as exc:
-            if exc.errno == errno.EINVAL and self.mmapable and missing:
-                # An outer map pinned by an older generation: its inner template is not mmapable.
-                log.warning("maglev_mmap_unsupported", note="outer map predates mmapable tables: batch-filling")
-                self.mmapable = False
-                for fd in fds.values():
-                    sc.close(fd)
-                fds = {}
-                return self.set_many(specs)
-            raise
-        finally:
-            for fd in fds.values():
-                sc.close(fd)   # the outer map holds the references now
+        if missing:
+            self._fill_missing(missing)
+        for sid, spec in todo.items():
+            shape = self.shape(spec)
+            self.tables[shape].refs += 1
+            self._unref(self.slots.get(sid))
+            self.slots[sid] = shape
         self.built_total += len(missing)
         return len(missing)
 
     def remove_many(self, sids) -> int:
-        """Drops service ports' slots; a table nobody points at any more is freed by the kernel.
-        One batch: the kernel waits for an RCU grace period after every map-in-map update or
-        delete syscall (maybe_wait_bpf_programs), so 2 000 single deletes took 32 s here."""
-        sids = list(sids)
+        """Service ports that no longer have a table: no kernel write (their service entries
+        are gone); a table nobody uses any more starts cooling. Returns how many had one."""
         removed = 0
-        if sids:
-            keys = (ct.c_uint32 * len(sids))(*sids)
-            removed = sc.delete_batch(self.outer.fd, keys, len(sids))
-            for sid in sids[removed:]:   # the kernel stops at the first absent key
-                if self.outer.delete(U32(value=sid)):
-                    removed += 1
         for sid in sids:
-            self._unref(self.slots.pop(sid, None))
+            shape = self.slots.pop(sid, None)
+            if shape is not None:
+                removed += 1
+                self._unref(shape)
         return removed
 
+    def refill(self) -> None:
+        """Off the change path (after a pass's writes): spares of the default size topped up
+        to SPARES_LOW (+ a batch), surplus and stale keys deleted; one outer syscall each."""
+        self._cool()
+        size = maglev.TABLE_SIZE
+        have = self.spares.setdefault(size, [])
+        room = self.outer.info.max_entries - len(self.keys_used)
+        if len(have) < SPARES_LOW and room > 0:
+            fds = []
+            try:
+                for _ in range(min(SPARES_BATCH, room)):
+                    fds.append(self._create(size))
+                keys = self._insert(fds)
+                have += [Table(k, sc.map_info(fd).id, size) for k, fd in zip(keys, fds)]
+            finally:
+                for fd in fds:
+                    sc.close(fd)
+        drop = sorted(self.stale)
+        for tsize, spares in self.spares.items():
+            keep = SPARES_MAX if tsize == size else 0
+            while len(spares) > keep:
+                drop.append(spares.pop().key)
+        if drop:
+            keys = (ct.c_uint32 * len(drop))(*drop)
+            done = sc.delete_batch(self.outer.fd, keys, len(drop))
+            for key in drop[done:]:   # the kernel stops at the first absent key
+                self.outer.delete(U32(value=key))
+            self.keys_used.difference_update(drop)
+            self.stale.clear()
+
+    # ---------------------------------------------------------------- internals
     def _unref(self, shape: Shape | None) -> None:
         if shape is None:
             return
@@ -161,23 +199,86 @@ class MaglevTables:
             table.refs -= 1
             if table.refs <= 0:
                 del self.tables[shape]
+                self.cooling.append((time.monotonic(), table))
 
-    def _build(self, spec: MaglevSpec) -> int:
-        flags = sc.BPF_F_INNER_MAP | (sc.BPF_F_MMAPABLE if self.mmapable else 0)
-        esize = ct.sizeof(BackendAddr)
-        inner = sc.create_map(sc.BPF_MAP_TYPE_ARRAY, "maglev_table", 4, esize, spec.table_size, flags)
+    def _cool(self) -> None:
+        now = time.monotonic()
+        while self.cooling and now - self.cooling[0][0] >= COOL_SECONDS:
+            table = self.cooling.popleft()[1]
+            table.refs = 0
+            self.spares.setdefault(table.size, []).append(table)
+
+    def _fill_missing(self, missing: dict[Shape, MaglevSpec]) -> None:
+        jobs: list[tuple[MaglevSpec, int, Table | None]] = []   # (spec, open fd, the spare it is)
         try:
-            if not spec.backends:
-                pass   # a fresh array is all zero: "no backend"
-            elif self.mmapable:
-                offsets, skips = maglev.preferences([f"{ip}:{port}" for ip, port in spec.backends], spec.table_size)
-                rc = lib().maglev_fill(inner, len(spec.backends), offsets, skips, spec.table_size, _packed(spec), esize)
-                if rc:
-                    raise sc.BpfError("filling a maglev table", -rc)
+            for spec in missing.values():
+                spare = self._take_spare(spec.table_size)
+                fd = spare_fd = None
+                if spare is not None:
+                    try:
+                        spare_fd = sc.map_fd_by_id(spare.map_id)
+                    except sc.BpfError:   # freed behind our back: forget it
+                        self.keys_used.discard(spare.key)
+                        spare = None
+                fd = spare_fd if spare is not None else self._create(spec.table_size)
+                jobs.append((spec, fd, spare))
+            if len(jobs) >= PARALLEL_FROM:
+                with ThreadPoolExecutor(BUILD_THREADS) as pool:
+                    list(pool.map(lambda job: self._fill(job[1], job[0]), jobs))
             else:
-                values = (BackendAddr * spec.table_size).from_buffer_copy(table_bytes(spec))
-                sc.update_batch(inner, _slot_keys(spec.table_size), values, spec.table_size)
-        except BaseException:
-            sc.close(inner)
+                for spec, fd, _ in jobs:
+                    self._fill(fd, spec)
+            fresh = [(spec, fd) for spec, fd, spare in jobs if spare is None]
+            keys = self._insert([fd for _, fd in fresh])
+            for (spec, fd), key in zip(fresh, keys):
+                self.tables[self.shape(spec)] = Table(key, sc.map_info(fd).id, spec.table_size)
+            for spec, _, spare in jobs:
+                if spare is not None:
+                    self.tables[self.shape(spec)] = spare
+        except sc.BpfError as exc:
+            if exc.errno == errno.EINVAL and self.mmapable:
+                # An outer map pinned by an older generation: its inner template is not mmapable.
+                log.warning("maglev_mmap_unsupported", note="outer map predates mmapable tables: batch-filling")
+                self.mmapable = False
+                for _, fd, _ in jobs:
+                    sc.close(fd)
+                jobs = []
+                self.spares = {}   # mmapable spares cannot be filled that way either: leave them
+                return self._fill_missing(missing)
             raise
-        return inner
+        finally:
+            for _, fd, _ in jobs:
+                sc.close(fd)   # the outer map holds the references now
+
+    def _take_spare(self, size: int) -> Table | None:
+        spares = self.spares.get(size)
+        return spares.pop() if spares else None
+
+    def _insert(self, fds: list[int]) -> list[int]:
+        """New inner maps into the outer map under fresh keys: one batch, one RCU wait."""
+        if not fds:
+            return []
+        keys = []
+        while len(keys) < len(fds):
+            if self.next_key not in self.keys_used:
+                keys.append(self.next_key)
+            self.next_key += 1
+        sc.update_batch(self.outer.fd, (ct.c_uint32 * len(keys))(*keys), (ct.c_uint32 * len(fds))(*fds), len(keys))
+        self.keys_used.update(keys)
+        return keys
+
+    def _create(self, size: int) -> int:
+        flags = sc.BPF_F_INNER_MAP | (sc.BPF_F_MMAPABLE if self.mmapable else 0)
+        return sc.create_map(sc.BPF_MAP_TYPE_ARRAY, "maglev_table", 4, ct.sizeof(BackendAddr), size, flags)
+
+    def _fill(self, fd: int, spec: MaglevSpec) -> None:
+        """Writes the whole table (every slot: a recycled table held another set)."""
+        esize = ct.sizeof(BackendAddr)
+        if self.mmapable:
+            offsets, skips = maglev.preferences([f"{ip}:{port}" for ip, port in spec.backends], spec.table_size)
+            rc = lib().maglev_fill(fd, len(spec.backends), offsets, skips, spec.table_size, _packed(spec), esize)
+            if rc:
+                raise sc.BpfError("filling a maglev table", -rc)
+        else:
+            values = (BackendAddr * spec.table_size).from_buffer_copy(table_bytes(spec))
+            sc.update_batch(fd, _slot_keys(spec.table_size), values, spec.table_size)

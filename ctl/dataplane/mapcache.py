@@ -25,30 +25,36 @@ log = structlog.get_logger("atomnet.reconcile")
 LOG_EACH_LIMIT = 50
 # Batch writes go in chunks: a per-CPU hash without preallocation takes each new element's
 # per-CPU memory from pages the kernel populates in the background, and a batch of 100 000
-# new keys outruns it (ENOMEM, seen on 6.18 from ~100k keys in one batch); a chunk that
-# hits it is retried once the kernel has had a moment to populate more.
-CHUNK = 8192
-ENOMEM_RETRIES = 12
+# new keys outruns it (ENOMEM, seen on 6.18 from ~100k keys in one batch, and with chunks
+# of 8 192 written back to back under load); a chunk that hits it is retried once the
+# kernel has had a moment to populate more.
+CHUNK = 4096
+ENOMEM_RETRIES = 15   # 1 ms doubling: ~65 s in all (the kernel's populating work runs late under load)
 
 
-def put_chunked(m: Map, pairs: list) -> None:
-    for start in range(0, len(pairs), CHUNK):
-        chunk = pairs[start:start + CHUNK]
+def put_chunked(m: Map, items: list) -> None:
+    """items: (frozen key, frozen value) pairs, packed chunk by chunk (Mirror.pack_many)."""
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start:start + CHUNK]
+        keys = m.key_cls.pack_many([k for k, _ in chunk])
+        values = m.value_cls.pack_many([v for _, v in chunk])
         for attempt in range(ENOMEM_RETRIES + 1):
             try:
-                m.put_many(chunk)
+                m.put_packed(keys, values, len(chunk))
                 break
             except sc.BpfError as exc:
                 if exc.errno != errno.ENOMEM or attempt == ENOMEM_RETRIES:
                     raise
                 log.debug("map_write_enomem_retry", map=m.name, attempt=attempt + 1)
-                time.sleep(0.001 * 2 ** attempt)   # backoff for a kernel resource, up to ~4 s in all
+                time.sleep(0.001 * 2 ** attempt)   # backoff for a kernel resource
 
 
-def log_changes(name: str, event: str, items) -> None:
-    items = list(items)
+def log_changes(name: str, event: str, items, describe) -> None:
+    """One event per item (describe(item) -> its fields) up to LOG_EACH_LIMIT, then one
+    summary: only the logged items are described (a dict per entry of 100 000 is not free)."""
+    items = items if isinstance(items, (list, tuple)) else list(items)
     for item in items[:LOG_EACH_LIMIT]:
-        log.info(event, map=name, **item)
+        log.info(event, map=name, **describe(item))
     if len(items) > LOG_EACH_LIMIT:
         log.info(event + "_more", map=name, count=len(items) - LOG_EACH_LIMIT)
 
@@ -68,6 +74,7 @@ class MapCache:
         self.name = name
         self.keys_only = keys_only
         self.cache: dict[Frozen, Frozen] = self.read_kernel()
+        self.version = 0   # bumped by every write: what is derived from the cache knows it is stale
 
     def read_kernel(self) -> dict[Frozen, Frozen]:
         if self.keys_only:
@@ -85,24 +92,25 @@ class MapCache:
         out = Flushed({k: v for k, v in items.items() if self.cache.get(k) != v})
         if out.upserts:
             m = self.map
-            put_chunked(m, [(m.key_cls.from_dict(dict(k)), m.value_cls.from_dict(dict(v)))
-                            for k, v in out.upserts.items()])
+            put_chunked(m, list(out.upserts.items()))
             self.cache.update(out.upserts)
-            log_changes(self.name, "map_upsert", ({"key": dict(k), "value": dict(v)} if v else {"key": dict(k)}
-                                                  for k, v in out.upserts.items()))
+            self.version += 1
+            log_changes(self.name, "map_upsert", list(out.upserts.items()),
+                        lambda kv: {"key": dict(kv[0]), "value": dict(kv[1])} if kv[1] else {"key": dict(kv[0])})
         return out
 
     def delete(self, keys) -> Flushed:
         out = Flushed(deletes=[k for k in keys if k in self.cache])
         if out.deletes:
             m = self.map
-            batch = (m.key_cls * len(out.deletes))(*(m.key_cls.from_dict(dict(k)) for k in out.deletes))
+            batch = (m.key_cls * len(out.deletes)).from_buffer_copy(m.key_cls.pack_many(out.deletes))
             done = sc.delete_batch(m.fd, batch, len(out.deletes))
             for k in batch[done:]:   # the kernel stopped at a key that was already gone
                 m.delete(k)
             for k in out.deletes:
                 del self.cache[k]
-            log_changes(self.name, "map_delete", ({"key": dict(k)} for k in out.deletes))
+            self.version += 1
+            log_changes(self.name, "map_delete", out.deletes, lambda k: {"key": dict(k)})
         return out
 
     def drift_check(self) -> int:
@@ -113,7 +121,7 @@ class MapCache:
         extra = [k for k in live if k not in self.cache]
         if wrong:
             m = self.map
-            put_chunked(m, [(m.key_cls.from_dict(dict(k)), m.value_cls.from_dict(dict(v))) for k, v in wrong.items()])
+            put_chunked(m, list(wrong.items()))
         for k in extra:
             self.map.delete(self.map.key_cls.from_dict(dict(k)))
         for k, v in wrong.items():

@@ -45,23 +45,23 @@ class Reconciler:
         self.caches = {name: MapCache(maps[name], name, name in KEY_ONLY_MAPS) for name in OWNED_MAPS}
         self.tables = MaglevTables(maps["maglev"])
         self.drift_repairs = 0
+        self._checked_stale = False   # outer keys nobody adopted: looked for after the first pass
 
     def initial_changes(self, desired: Desired) -> Changes:
         """Everything the kernel or the model has: the caches keep only real differences.
         Maglev tables the kernel already holds for the same backends (a restarted daemon:
-        the service entry carries the digest) are adopted instead of rebuilt."""
+        the service entry carries the digest and the table's key) are adopted instead of
+        rebuilt; outer keys nobody adopted are deleted once the new entries are in."""
         out: Changes = {}
         for name in OWNED_MAPS:
             entries = {k: None for k in self.caches[name].cache}
             entries.update(desired.maps[name])
             out[name] = entries
-        live_digests = {dict(v)["id"]: dict(v)["digest"] for v in self.caches["services"].cache.values()}
-        live_slots = self.tables.live_ids()
-        tables: dict = {sid: None for sid in live_slots}
+        live = {dict(v)["id"]: dict(v) for v in self.caches["services"].cache.values()}
+        tables: dict = {sid: None for sid in self.tables.slots if sid not in desired.maglev}
         for sid, spec in desired.maglev.items():
-            if live_digests.get(sid) == spec.digest and sid in live_slots and self.tables.adopt(sid, spec):
-                tables.pop(sid)
-            else:
+            entry = live.get(sid)
+            if not (entry and entry["digest"] == spec.digest and self.tables.adopt(sid, spec, entry.get("table", 0))):
                 tables[sid] = spec
         out[MAGLEV] = tables
         return out
@@ -74,10 +74,12 @@ class Reconciler:
             if name == "services":   # frontends last: their tables must be in place first
                 wanted = {sid: spec for sid, spec in tables.items() if spec is not None}
                 res.tables_built = self.tables.set_many(wanted)
+                self._point_at_tables(changes.setdefault("services", {}), wanted)
                 if wanted:
                     res.upserts[MAGLEV] = len(wanted)
-                    log_changes("maglev", "maglev_table_set", ({"service_id": sid, "table_size": s.table_size,
-                                                                "backends": len(s.backends)} for sid, s in wanted.items()))
+                    log_changes("maglev", "maglev_table_set", list(wanted.items()),
+                                lambda item: {"service_id": item[0], "table_size": item[1].table_size,
+                                              "backends": len(item[1].backends)})
             ups = {k: v for k, v in changes.get(name, {}).items() if v is not None}
             if ups:
                 done = self.caches[name].upsert(ups)
@@ -88,7 +90,7 @@ class Reconciler:
                 gone = sorted(sid for sid, spec in tables.items() if spec is None)
                 if gone:
                     res.deletes[MAGLEV] = self.tables.remove_many(gone)
-                    log_changes("maglev", "maglev_table_deleted", ({"service_id": sid} for sid in gone))
+                    log_changes("maglev", "maglev_table_deleted", gone, lambda sid: {"service_id": sid})
             dels = [k for k, v in changes.get(name, {}).items() if v is None]
             if dels:
                 done = self.caches[name].delete(dels)
@@ -98,28 +100,60 @@ class Reconciler:
                         removed_backends = done.deletes
         if removed_backends:
             flush_udp_flows(self.maps["conntrack"], [dict(k) for k in removed_backends])
-        return res
+        self.tables.refill()   # after the writes: no change waits for the outer map's RCU
+        self._drop_unadopted()   # after the first pass: deleted by the next refill, once the
+        return res               # new programs (which read service_info.table) are attached
+
+    def _point_at_tables(self, services: dict, moved: dict) -> None:
+        """The desired services values name no table (the model does not choose keys): each
+        written entry gets its table's key here; an entry whose service port moved to another
+        table but whose value did not change (a table rebuilt) is rewritten too."""
+        for k, v in services.items():
+            if v is not None:
+                services[k] = with_table(v, self.tables.key_of(dict(v)["id"]))
+        written = {dict(v)["id"] for v in services.values() if v is not None}
+        rest = set(moved) - written
+        if rest:
+            for k, v in self.caches["services"].cache.items():
+                sid = dict(v)["id"]
+                if sid in rest and k not in services:
+                    services[k] = with_table(v, self.tables.key_of(sid))
+
+    def _drop_unadopted(self) -> None:
+        """Outer keys in the kernel that none of our tables, spares or cooling tables uses
+        (an older generation's, or lost track of): refill deletes them."""
+        if self.tables.stale or self._checked_stale:
+            return
+        self._checked_stale = True
+        ours = {t.key for t in self.tables.tables.values()}
+        ours.update(t.key for spares in self.tables.spares.values() for t in spares)
+        ours.update(t.key for _, t in self.tables.cooling)
+        self.tables.mark_stale(self.tables.live_ids() - ours)
 
     def drift_check(self, desired: Desired) -> int:
         """The rare full comparison: kernel against cache (repaired to the cache), then the
         cache against the from-scratch desired state (repaired to it). Returns repairs."""
         repairs = sum(c.drift_check() for c in self.caches.values())
+        live = self.tables.live_ids()
+        lost = {sid for sid in self.tables.slots if self.tables.key_of(sid) not in live}
+        for shape in {self.tables.slots[sid] for sid in lost}:   # the kernel lost it: rebuild
+            self.tables.tables.pop(shape, None)
+        for sid in lost:
+            del self.tables.slots[sid]
         changes: Changes = {}
         for name in OWNED_MAPS:
             cache = self.caches[name].cache
             want = desired.maps[name]
-            diff = {k: v for k, v in want.items() if cache.get(k) != v}
+            bare = (lambda v: without_table(v)) if name == "services" else (lambda v: v)
+            diff = {k: v for k, v in want.items() if k not in cache or bare(cache[k]) != v}
             diff.update({k: None for k in cache if k not in want})
             if diff:
                 changes[name] = diff
                 for k in diff:
                     log.warning("drift_repaired", map=name, key=dict(k), source="desired")
-        live_slots = self.tables.live_ids()
         tables = {sid: spec for sid, spec in desired.maglev.items()
-                  if sid not in live_slots or self.tables.slots.get(sid) != MaglevTables.shape(spec)}
-        tables.update({sid: None for sid in live_slots if sid not in desired.maglev})
-        for sid in [s for s in tables if tables[s] is not None and s not in live_slots]:
-            self.tables.slots.pop(sid, None)   # the kernel lost it: rebuild, do not trust the slot record
+                  if self.tables.slots.get(sid) != MaglevTables.shape(spec)}
+        tables.update({sid: None for sid in self.tables.slots if sid not in desired.maglev})
         if tables:
             changes[MAGLEV] = tables
             log.warning("drift_repaired", map="maglev", slots=len(tables))
@@ -127,6 +161,15 @@ class Reconciler:
         repairs += sum(len(v) for v in changes.values())
         self.drift_repairs += repairs
         return repairs
+
+
+def with_table(value: Frozen, key: int) -> Frozen:
+    """A services value (frozen, sorted fields) with its Maglev table's key."""
+    return tuple(sorted((*without_table(value), ("table", key))))
+
+
+def without_table(value: Frozen) -> Frozen:
+    return tuple(p for p in value if p[0] != "table")
 
 
 def flush_udp_flows(conntrack: Map, removed_backends: list[dict]) -> int:

@@ -46,13 +46,14 @@ class Config:
     idle_window: float = 0.0        # daemon CPU at cp_services sampled over this many s (0: 30 s)
     cp_changes: int = 30            # adds, backend changes and deletes timed per control-plane repetition
     cp_pod_adds: int = 5
+    cp_cluster: tuple[int, int, int] = (200, 10_000, 1000)   # simulated nodes, their pods, services (etcd)
     iptables: str = "iptables-legacy"
 
 
 FULL = Config()
 SMOKE = Config(reps=1, iperf_seconds=1, iperf_omit=0, iperf_bytes="100M", latency_seconds=2, crr_seconds=0.3, crr_warmup=0.1,
                crr_procs=2, service_counts=(1, 3), cp_services=3, cp_backends=2, idle_window=0.5, cp_changes=2,
-               cp_pod_adds=1)
+               cp_pod_adds=1, cp_cluster=(3, 6, 2))
 
 IPERF_PORT, SOCKPERF_PORT, HTTP_PORT, SVC_PORT, HOST_PORT = 5201, 11111, 8080, 80, 8080
 IPERF_VIP = "10.96.0.5"
@@ -552,6 +553,36 @@ class Bench:
                                  note="no periodic resync any more: the store watch and netlink wake the daemon; "
                                       "the drift check (ctl/daemon.py DRIFT_SECONDS = 300 s) is outside the window"))
         self.series["control_plane"] = {k: v.to_dict() for k, v in s.items()}
+        self.control_plane_cluster()
+
+    def control_plane_cluster(self) -> None:
+        """Issue 15's cluster row: simulated nodes and pods in one real etcd, one real daemon."""
+        from .cluster import run_cluster
+        nodes, pods, services = self.cfg.cp_cluster
+        self.step(f"case: control plane, {nodes} simulated nodes, {pods} pods, {services} services in etcd")
+        keys = ("follow", "change p50", "change p99", "rss", "idle")
+        s = {k: Series(k) for k in keys}
+        for _ in range(self.cfg.reps):
+            c = run_cluster(self.rig.tmp, self.uids, nodes, pods, services, reps=20 if pods > 100 else 2,
+                            idle_window=10.0, log=self.log)
+            for key, value in (("follow", c["follow"]), ("change p50", c["change_p50"]),
+                               ("change p99", c["change_p99"]), ("rss", c["rss_end_mib"]), ("idle", c["idle"] * 100)):
+                s[key].samples.append(Sample(value))
+        label = f"{nodes} simulated nodes, {pods:,} pods".replace(",", " ")
+        self.rows += [
+            Row(f"control plane: {label} in one etcd", "first write → every tunnel and service programmed", "s",
+                s["follow"].renamed("atomnet"), None, [], better="lower",
+                note=f"{services} services selecting the remote pods; one real daemon, the other nodes are store writes"),
+            Row(f"control plane: {label} in one etcd", "node joins/leaves or a remote pod joins → maps, p50", "s",
+                s["change p50"].renamed("atomnet"), None, [Target("<=", 0.010, absolute=True, text="< 10 ms")],
+                better="lower"),
+            Row(f"control plane: {label} in one etcd", "node joins/leaves or a remote pod joins → maps, p99", "s",
+                s["change p99"].renamed("atomnet"), None, [Target("<=", 0.050, absolute=True, text="< 50 ms")],
+                better="lower"),
+            Row(f"daemon memory with {label} in etcd", "RSS", "MiB", s["rss"].renamed("atomnet"), None,
+                [Target("<=", 100, absolute=True, text="< 100 MiB")], better="lower"),
+        ]
+        self.series["control_plane_cluster"] = {k: v.to_dict() for k, v in s.items()}
 
     def cp_iptables_rep(self, r: int, full_text: str, changed_text: str) -> tuple[float, float]:
         """A fresh namespace: kube-proxy's jumps, then one full restore (program), then

@@ -68,7 +68,8 @@ def program_service(h: Harness, vip: str, port: int, proto: str, backends: list[
     from ctl.dataplane.maglev_tables import MaglevTables
 
     spec = MaglevSpec(table_size, tuple(sorted(backends)), 0)
-    MaglevTables(h.maps["maglev"]).set_many({sid: spec})
+    tables = MaglevTables(h.maps["maglev"])
+    tables.set_many({sid: spec})
     for k in list(h.maps["backends"].keys()):
         if k.service_id == sid:
             h.maps["backends"].delete(k)
@@ -76,7 +77,7 @@ def program_service(h: Harness, vip: str, port: int, proto: str, backends: list[
         h.maps["backends"].put(BackendKey.from_dict({"service_id": sid, "ip": ip, "port": bport}), Counter())
     h.maps["services"].put(ServiceKey.from_dict({"vip": vip, "port": port, "proto": PROTOCOLS[proto]}),
                            ServiceInfo.from_dict({"id": sid, "backend_count": len(backends), "table_size": table_size,
-                                                  "affinity_timeout": affinity}))
+                                                  "affinity_timeout": affinity, "table": tables.key_of(sid)}))
 
 
 def set_service_cidr(h: Harness, cidr: str) -> None:

