@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -153,8 +152,8 @@ class Bench:
     def serve(self, netns: str, http: bool = True, iperf: bool = True) -> None:
         if iperf:   # pinned by each client's -A
             topo.spawn_quiet(self.rig, netns, "iperf3", "-s", "-p", IPERF_PORT)
-        if http:    # one process (master_process off): `ip netns exec` execs it, so this PID is nginx
-            os.sched_setaffinity(nginx(self.rig, netns, HTTP_PORT).pid, {SERVER_CPU})
+        if http:
+            nginx(self.rig, netns, HTTP_PORT, cpu=SERVER_CPU)
         if iperf:
             wait_listening(netns, IPERF_PORT)
 

@@ -1,6 +1,7 @@
 """Real servers inside pods: nginx (one worker, answering with the pod's name) and socat."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -32,10 +33,11 @@ def wait_established(pod: str, peer: str, port: int, timeout: float = 10) -> Non
 
 
 def nginx(rig: Rig, pod: str, port: int = 8080, *, body: str | None = None, access_log: bool = False,
-          connections: int = 1024, reuseport: bool = True, name: str | None = None) -> Path | None:
+          connections: int = 1024, reuseport: bool = True, name: str | None = None,
+          cpu: int | None = None) -> Path | None:
     """nginx in a pod (one worker): answers every request with body (default: the pod's name;
     nginx variables allowed). access_log=True logs each peer ("$remote_addr $remote_port")
-    and returns the log's path."""
+    and returns the log's path. cpu pins it (the benchmark pins servers and clients alike)."""
     d = rig.tmp / f"nginx-{name or pod}"
     d.mkdir()
     conf = d / "nginx.conf"
@@ -63,7 +65,9 @@ http {{
     }}
 }}
 """)
-    rig.spawn(spawn_in_pod(pod, "nginx", "-c", str(conf), "-p", str(d)))
+    proc = rig.spawn(spawn_in_pod(pod, "nginx", "-c", str(conf), "-p", str(d)))
+    if cpu is not None:   # one process (master_process off): `ip netns exec` execs it, so this PID is nginx
+        os.sched_setaffinity(proc.pid, {cpu})
     wait_listening(pod, port)
     return d / "access.log" if access_log else None
 
