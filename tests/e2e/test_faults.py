@@ -194,7 +194,12 @@ def test_etcd_down_for_a_minute_under_load(rig):
     node.start_daemon()
     backends = [node.add_pod(f"b{i}", "--label", "app=op") for i in range(2)]
     client = node.add_pod("cl")
-    for p in [*backends, client]:
+    # The pod-to-pod load comes from a pod of its own: one pod connecting to a backend through
+    # a VIP and directly at once can give both connections the same source port (Linux picks
+    # ports per destination), and after DNAT they are one 4-tuple at the backend (a tuple
+    # clash atomnet does not resolve yet; netfilter's NAT remaps the port: README, Operating it).
+    direct = node.add_pod("cd")
+    for p in [*backends, client, direct]:
         node.wait_endpoint(p["ip"])
     for p in backends:
         nginx(rig, p["name"])
@@ -205,7 +210,7 @@ def test_etcd_down_for_a_minute_under_load(rig):
     stop = rig.tmp / "load.stop"
     through_vip = rig.spawn(http_load(client["name"], svc["vip"], 80, seconds=ETCD_OUTAGE + 300, max_requests=10**8,
                                       stop_file=stop, min_requests=1, timeout=15))
-    pod_to_pod = rig.spawn(http_load(client["name"], backends[0]["ip"], 8080, seconds=ETCD_OUTAGE + 300,
+    pod_to_pod = rig.spawn(http_load(direct["name"], backends[0]["ip"], 8080, seconds=ETCD_OUTAGE + 300,
                                      max_requests=10**8, stop_file=stop, min_requests=1, timeout=15))
     failures = node.log_count("store_watch_failed")
     rig.etcd.halt()

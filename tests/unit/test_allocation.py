@@ -89,14 +89,16 @@ def test_network_init_is_idempotent_and_refuses_a_different_cidr(store):
 def test_malformed_leases_are_skipped_and_the_rest_kept(store):
     cfg, _ = cluster.init_network(store, "10.244.0.0/16", 24, "10.96.0.0/12")   # leases are checked against it
     good, _ = cluster.acquire_subnet(store, cfg, "192.168.100.1", "02:00:00:00:00:01")
-    store.put("/coreos.com/network/subnets/10.244.77.0-24", "{not json")
-    store.put("/coreos.com/network/subnets/10.244.78.0-24", '{"PublicIP": "not-an-ip"}')
+    # two subnets other than the one good drew at random (it may draw 10.244.77.0/24 too)
+    bad = [s for s in ("10.244.77.0/24", "10.244.78.0/24", "10.244.79.0/24") if s != good.subnet][:2]
+    store.put(f"/coreos.com/network/subnets/{bad[0].replace('/', '-')}", "{not json")
+    store.put(f"/coreos.com/network/subnets/{bad[1].replace('/', '-')}", '{"PublicIP": "not-an-ip"}')
     leases = [lease for lease, _ in cluster.list_leases(store)]
     assert leases == [good]
     # A malformed subnet is never handed out either: its key is taken.
     for _ in range(20):
         lease, _ = cluster.acquire_subnet(store, cfg, f"192.168.101.{_ + 1}", "02:00:00:00:00:02")
-        assert lease.subnet not in ("10.244.77.0/24", "10.244.78.0/24")
+        assert lease.subnet not in bad
 
 
 def test_flannel_config_fields_and_backend_check():
