@@ -18,13 +18,11 @@ import ipaddress
 import json
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.e2e.rig import Rig, sh
 
-from .control_plane import pctl, wait_for
+from .control_plane import fresh_rig, pctl, wait_for
 from .harness import cpu_seconds, memory_kib
 
 CLONE_NEWNET = 0x40000000
@@ -64,14 +62,7 @@ def run_cluster(parent_tmp: Path, uids: list[str], nodes: int = 200, pods: int =
     from ctl.state.store import open_store
     from .cases import vip
 
-    uid = uuid.uuid4().hex[:6]
-    uids.append(uid)
-    tmp = Path(tempfile.mkdtemp(prefix=f"cc{uid}-", dir=parent_tmp))
-    try:
-        rig = Rig(uid, tmp)
-    except Exception:
-        sh("ip", "netns", "del", f"an{uid}-ul", check=False)
-        raise
+    rig = fresh_rig(parent_tmp, uids, "cc")
     pool = store = None
     maps: list[Map] = []
     try:

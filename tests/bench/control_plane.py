@@ -74,6 +74,19 @@ def wait_for(cond, timeout: float = 30.0) -> float:
     raise AssertionError(f"condition not met in {timeout}s")
 
 
+def fresh_rig(parent_tmp: Path, uids: list[str], prefix: str) -> Rig:
+    """A rig of its own (uid recorded in uids for the caller's clean-up), in a new directory
+    under parent_tmp; a half-made underlay namespace is removed if the rig cannot be built."""
+    uid = uuid.uuid4().hex[:6]
+    uids.append(uid)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{uid}-", dir=parent_tmp))
+    try:
+        return Rig(uid, tmp)
+    except Exception:
+        sh("ip", "netns", "del", f"an{uid}-ul", check=False)
+        raise
+
+
 def pctl(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -87,14 +100,7 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
     from ctl.state.store import open_store
     from .cases import service_doc, vip
 
-    uid = uuid.uuid4().hex[:6]
-    uids.append(uid)
-    tmp = Path(tempfile.mkdtemp(prefix=f"cp{uid}-", dir=parent_tmp))
-    try:
-        rig = Rig(uid, tmp)
-    except Exception:
-        sh("ip", "netns", "del", f"an{uid}-ul", check=False)
-        raise
+    rig = fresh_rig(parent_tmp, uids, "cp")
     maps = store = None
     try:
         node = rig.add_node("cp")

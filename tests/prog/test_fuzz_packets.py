@@ -166,6 +166,13 @@ def check(h, prog: str, frame: bytes, ifindex: int, sender: str | None) -> None:
     assert pod["ip"] in allowed, f"{prog}: {orig_src} -> {orig_dst}:{dport} delivered to {pod['ip']}"
 
 
+def program_once(h) -> None:
+    """Hypothesis runs each test body many times on one harness: program its maps on the first."""
+    if not getattr(h, "_programmed", False):
+        program_everything(h)
+        h._programmed = True
+
+
 def program_everything(h) -> None:
     with_overlay(h)   # pods, service CIDR, overlay config and one remote subnet
     program_service(h, VIP, 80, "tcp", [(B["ip"], 8080), (C["ip"], 8080)], sid=1, affinity=0)
@@ -177,9 +184,7 @@ def program_everything(h) -> None:
 @FUZZ
 @given(seed=SEED)
 def test_from_pod_fuzz(harness, seed):
-    if not getattr(harness, "_programmed", False):
-        program_everything(harness)
-        harness._programmed = True
+    program_once(harness)
     frame = ether(A["mac"], A["node_mac"]) + ipv4(Shape(seed), [A["ip"], A["ip"], B["ip"], "10.244.1.99"])
     check(harness, "from_pod", frame, A["ifindex"], A["ip"])
 
@@ -187,9 +192,7 @@ def test_from_pod_fuzz(harness, seed):
 @FUZZ
 @given(seed=SEED)
 def test_from_netdev_fuzz(harness, seed):
-    if not getattr(harness, "_programmed", False):
-        program_everything(harness)
-        harness._programmed = True
+    program_once(harness)
     s = Shape(seed)
     ifindex = s.pick([UPLINK, 1])
     frame = ether("02:00:00:00:99:99", "02:00:00:00:99:01") + ipv4(s, [CLIENT, NODE_IP, "127.0.0.1", REMOTE_NODE])
@@ -200,9 +203,7 @@ def test_from_netdev_fuzz(harness, seed):
 @given(seed=SEED)
 def test_from_overlay_fuzz(harness, seed):
     """What the VXLAN device hands up after decapsulation: any inner frame, garbage included."""
-    if not getattr(harness, "_programmed", False):
-        program_everything(harness)
-        harness._programmed = True
+    program_once(harness)
     s = Shape(seed)
     inner = s.blob(80, min_size=20) if s.one_in(5) else ipv4(s, [REMOTE_POD, "10.244.2.9", CLIENT])
     frame = from_remote_vtep(inner)
@@ -212,8 +213,6 @@ def test_from_overlay_fuzz(harness, seed):
 @FUZZ
 @given(seed=SEED)
 def test_to_overlay_fuzz(harness, seed):
-    if not getattr(harness, "_programmed", False):
-        program_everything(harness)
-        harness._programmed = True
+    program_once(harness)
     frame = ether(OUR_VTEP, "00:00:00:00:00:00") + ipv4(Shape(seed), ["10.244.1.0", NODE_IP])
     check(harness, "to_overlay", frame, 0, None)
