@@ -150,6 +150,58 @@ static __always_inline void ct_forget(const struct ct_key *fk, const struct ct_k
 	bpf_map_delete_elem(&conntrack, fk);
 }
 
+/* The reply entry of service flow f (translated to a backend, source snat or 0): replies
+ * come from VIP:port, and go back to the real client when the source was replaced. */
+static __always_inline void ct_reply_entry(struct ct_entry *rev, const struct flow *f, __be32 snat, __u8 flags,
+					   __u32 service_id, __u64 now)
+{
+	__builtin_memset(rev, 0, sizeof(*rev));
+	rev->created_ns = rev->last_seen_ns = now;
+	rev->nat_ip = f->daddr;			/* replies come from VIP:port */
+	rev->nat_port = f->dport;
+	rev->snat_ip = snat ? f->saddr : 0;	/* hairpin/SNAT: back to the real client */
+	rev->flags = flags & (CT_F_HAIRPIN | CT_F_SNAT | CT_F_CLOSING);
+	rev->service_id = service_id;
+}
+
+/* The reply entry key rk names f's own flow (not another forward flow's that DNAT made
+ * the same 4-tuple at the backend: the tuple clash, see lb_forward). */
+static __always_inline int ct_reply_is_of(const struct ct_entry *rev, const struct flow *f, __be32 snat)
+{
+	return rev->nat_ip == f->daddr && rev->nat_port == f->dport && rev->snat_ip == (snat ? f->saddr : 0);
+}
+
+/*
+ * A live forward entry whose reply entry the LRU evicted (or that outlived it: a UDP flow
+ * whose backend is quiet for CT_TIMEOUT_OTHER) would let every reply pass untranslated,
+ * from the backend's address: the client's stack answers those with an RST or drops them.
+ * So a forward packet re-creates the reply entry from the forward entry, and keeps an
+ * existing one of its own flow alive. Not on every packet (a second lookup on the
+ * established fast path): only when the flow was quiet for CT_REPLY_CHECK_QUIET_NS (an
+ * idle flow is what the LRU evicts from, and the first packet after a pause is when the
+ * replies resume) or on every CT_REPLY_CHECK_EVERY-th packet (a busy one-way flow).
+ * A live entry of another flow is left alone (the tuple clash: refused in lb_forward).
+ */
+#define CT_REPLY_CHECK_QUIET_NS NSEC
+#define CT_REPLY_CHECK_EVERY 64		/* a power of two: a mask test per packet */
+
+static __always_inline void ct_restore_reply(const struct flow *f, const struct ct_entry *fwd, __be32 be_ip,
+					     __be16 be_port, __be32 snat, __u64 now)
+{
+	struct ct_key rk;
+	struct ct_entry *rev, fresh;
+
+	ct_reply_key(&rk, f, be_ip, be_port, snat);
+	rev = bpf_map_lookup_elem(&conntrack, &rk);
+	if (rev && !ct_expired(rev, now, f->proto)) {
+		if (ct_reply_is_of(rev, f, snat))
+			rev->last_seen_ns = now;
+		return;
+	}
+	ct_reply_entry(&fresh, f, snat, fwd->flags, fwd->service_id, now);
+	bpf_map_update_elem(&conntrack, &rk, &fresh, BPF_ANY);
+}
+
 /* A packet to a service frontend: find or create its flow, then DNAT, and SNAT where the
  * reply would otherwise not come back through here: hairpin (a pod calling itself), and
  * (snat_remote != 0) traffic from outside the cluster to a backend on another node. */
@@ -175,10 +227,13 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 			ct_reply_key(&rk, f, be.ip, be.port, snat);
 			ct_forget(&fk, &rk);
 		} else {
+			if (ct_quiet_for(ct->last_seen_ns, now) > CT_REPLY_CHECK_QUIET_NS ||
+			    !(ct->packets & (CT_REPLY_CHECK_EVERY - 1)))
+				ct_restore_reply(f, ct, be.ip, be.port, snat, now);
 			ct_touch(ct, f, now, skb->len);
 		}
 	} else {
-		struct ct_entry fwd = {}, rev = {};
+		struct ct_entry fwd = {}, rev;
 
 		if (!f->has_l4)
 			return LB_DROP_FRAGMENT;	/* a flow cannot start in a later fragment */
@@ -196,12 +251,7 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 		fwd.service_id = svc->id;
 		fwd.packets = 1;
 		fwd.bytes = skb->len;
-		rev.created_ns = rev.last_seen_ns = now;
-		rev.nat_ip = f->daddr;			/* replies come from VIP:port */
-		rev.nat_port = f->dport;
-		rev.snat_ip = snat ? f->saddr : 0;	/* hairpin: back to the real client */
-		rev.flags = fwd.flags;
-		rev.service_id = svc->id;
+		ct_reply_entry(&rev, f, snat, fwd.flags, svc->id, now);
 		ct_reply_key(&rk, f, be.ip, be.port, snat);
 		if (f->tcp_flags & TCPF_RST)
 			goto translate;		/* an RST ends a flow, never starts one (ct_forget) */

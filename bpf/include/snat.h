@@ -268,6 +268,28 @@ static __always_inline enum snat_result snat_new_flow(struct __sk_buff *skb, str
 	return SNAT_TRANSLATED;
 }
 
+/*
+ * A live flow (CT_SNAT_OUT) whose claim the LRU evicted: every reply would pass to the
+ * node's stack, which has no such socket and answers with an RST. Its own port is claimed
+ * again (snat_claim: if still free, or expired), so the flow keeps its tuple at the remote;
+ * only when another flow took the port does it start over with a new one. Costs nothing
+ * on the fast path: this runs only where the claim's lookup already missed.
+ */
+static __always_inline struct ct_entry *snat_reclaim(struct ct_key *ik, const struct ct_entry *out,
+						     const struct flow *f, __u64 now)
+{
+	struct ct_entry in = {};
+
+	in.created_ns = in.last_seen_ns = now;
+	in.nat_ip = f->saddr;
+	in.nat_port = f->sport;
+	in.flags = out->flags & CT_F_CLOSING;
+	snat_note_end(&in, f, CT_F_FIN_OUT);
+	if (snat_claim(ik, &in, now, f, 0) < 0)
+		return NULL;
+	return bpf_map_lookup_elem(&conntrack, ik);
+}
+
 /* to_netdev: a local pod's packet to a destination outside the cluster. */
 static __always_inline enum snat_result snat_egress(struct __sk_buff *skb, struct flow *f, const struct config *cfg)
 {
@@ -282,7 +304,9 @@ static __always_inline enum snat_result snat_egress(struct __sk_buff *skb, struc
 	if (out && !ct_expired(out, now, f->proto)) {
 		snat_in_key(&ik, f->daddr, f->dport, out->nat_ip, out->nat_port, f->proto);
 		in = bpf_map_lookup_elem(&conntrack, &ik);
-		/* The claim may have been evicted (LRU) or, once expired, retaken: then start over. */
+		if (!in)
+			in = snat_reclaim(&ik, out, f, now);
+		/* The claim may have been retaken by another flow once expired: then start over. */
 		if (in && in->nat_ip == f->saddr && in->nat_port == f->sport && !(in->flags & CT_F_HOST)) {
 			if (ct_reopened(out, f)) {	/* a new connection on the same tuple keeps its port */
 				out->flags &= ~CT_F_CLOSING;

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import time
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from ctl.dataplane.bpf.types import CtDir, CounterId
+from ctl.dataplane.bpf.types import CtDir, CtEntry, CounterId
 from tests.prog.conftest import TC_ACT_REDIRECT, program_service
 from tests.prog.test_services import A, B, C, VIP, send, setup
 
@@ -62,3 +63,100 @@ def test_a_forward_entry_stamped_by_another_cpu_keeps_its_backend(harness):
     rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45001, dport=80, flags="PA") / Raw(b"GET"))
     assert rc == TC_ACT_REDIRECT and (pkt[IP].dst, pkt[TCP].dport) == (B["ip"], 8080)
     assert harness.counter(CounterId.CTR_LB_NEW_FLOW) == 1, "not taken for a new flow"
+
+
+# ------------------------------------------------------------------ 2. a reply entry lost while its forward entry lives
+
+def entries(h, direction: CtDir):
+    return [(k, v) for k, v in h.maps["conntrack"].items() if k.dir == direction]
+
+
+def evict(h, direction: CtDir) -> None:
+    """What the LRU does to the least recently used entries of a full table."""
+    for k, _ in entries(h, direction):
+        h.maps["conntrack"].delete(k)
+
+
+def test_an_evicted_reply_entry_is_recreated_by_the_next_forward_packet_after_a_pause(harness):
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45100, dport=80, flags="S"))
+    send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45100, flags="SA"))
+    evict(harness, CtDir.CT_REPLY)
+    stamp(harness, CtDir.CT_FORWARD, time.monotonic_ns() - 2 * 10**9)   # an idle flow: what the LRU evicts from
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45100, dport=80, flags="PA") / Raw(b"GET"))
+    assert rc == TC_ACT_REDIRECT and pkt[IP].dst == B["ip"]
+    (k, v), = ((k.to_dict(), v.to_dict()) for k, v in entries(harness, CtDir.CT_REPLY))
+    assert (k["saddr"], k["sport"], k["daddr"], k["dport"]) == (B["ip"], 8080, A["ip"], 45100)
+    assert (v["nat_ip"], v["nat_port"], v["snat_ip"], v["service_id"]) == (VIP, 80, "0.0.0.0", 1)
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45100, flags="PA") / Raw(b"200"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (VIP, 80), "the reply is translated again"
+    assert harness.counter(CounterId.CTR_LB_NEW_FLOW) == 1
+
+
+def test_a_busy_one_way_flow_gets_its_reply_entry_back_within_64_packets(harness):
+    """No pause in a busy flow: every 64th forward packet looks (a mask test on the others)."""
+    setup(harness)
+    program_service(harness, VIP, 53, "udp", [(B["ip"], 5353)])
+    dgram = IP(src=A["ip"], dst=VIP) / UDP(sport=45101, dport=53) / Raw(b"q")
+    send(harness, A, dgram)
+    evict(harness, CtDir.CT_REPLY)
+    sent = 1
+    while not entries(harness, CtDir.CT_REPLY):
+        assert sent < 65, "not back after 64 packets"
+        send(harness, A, dgram)
+        sent += 1
+    assert sent == 65, "the established packets in between never looked (no second lookup on the fast path)"
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / UDP(sport=5353, dport=45101) / Raw(b"a"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[UDP].sport) == (VIP, 53)
+
+
+def test_a_hairpin_flows_reply_entry_is_recreated_with_its_client(harness):
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(A["ip"], 8080)])
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45102, dport=80, flags="S"))
+    evict(harness, CtDir.CT_REPLY)
+    stamp(harness, CtDir.CT_FORWARD, time.monotonic_ns() - 2 * 10**9)
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45102, dport=80, flags="A"))
+    rc, rep = send(harness, A, IP(src=A["ip"], dst="169.254.42.1") / TCP(sport=8080, dport=45102, flags="A"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport, rep[IP].dst) == (VIP, 80, A["ip"])
+
+
+def test_a_udp_reply_entry_outlived_by_its_forward_entry_is_kept_alive(harness):
+    """A UDP flow whose backend answers rarely: the reply entry alone would expire after
+    CT_TIMEOUT_OTHER (120 s) although the client keeps sending."""
+    setup(harness)
+    program_service(harness, VIP, 53, "udp", [(B["ip"], 5353)])
+    dgram = IP(src=A["ip"], dst=VIP) / UDP(sport=45103, dport=53) / Raw(b"q")
+    send(harness, A, dgram)
+    stamp(harness, CtDir.CT_REPLY, time.monotonic_ns() - 121 * 10**9)
+    stamp(harness, CtDir.CT_FORWARD, time.monotonic_ns() - 2 * 10**9)
+    send(harness, A, dgram)
+    (_, v), = entries(harness, CtDir.CT_REPLY)
+    assert v.last_seen_ns > time.monotonic_ns() - 10**9, "refreshed by the forward packet after the pause"
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / UDP(sport=5353, dport=45103) / Raw(b"a"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[UDP].sport) == (VIP, 53)
+
+
+def test_an_evicted_masquerade_claim_is_retaken_with_the_flows_own_port(harness):
+    """The flow got the second candidate port (the first was busy); later the first is free
+    and the flow's claim is evicted. Starting over would give the live flow the first port
+    (a new tuple at the remote: its server answers with an RST); it keeps its own."""
+    from tests.prog.test_egress import WORLD, configure, egress, ingress, nat_port
+    configure(harness)
+    syn = IP(src=A["ip"], dst=WORLD) / TCP(sport=45104, dport=443, flags="S")
+    first = nat_port(egress(harness, syn)[1])
+    (ik, iv), = entries(harness, CtDir.CT_SNAT_IN)
+    evict(harness, CtDir.CT_SNAT_OUT)
+    other = CtEntry.from_dict({**iv.to_dict(), "nat_ip": C["ip"]})   # the first port is now another pod's flow's
+    harness.maps["conntrack"].put(ik, other)
+    port = nat_port(egress(harness, syn)[1])
+    assert port != first
+    harness.maps["conntrack"].delete(ik)         # that other flow ends: the first port is free again
+    own = [k for k, _ in entries(harness, CtDir.CT_SNAT_IN) if k.to_dict()["dport"] == port]
+    harness.maps["conntrack"].delete(own[0])     # and the LRU evicts our flow's claim
+    rc, out, _ = egress(harness, IP(src=A["ip"], dst=WORLD) / TCP(sport=45104, dport=443, flags="A", seq=1))
+    assert nat_port(out) == port, "the live flow keeps its port"
+    rc, got = ingress(harness, IP(src=WORLD, dst="192.168.100.1") / TCP(sport=443, dport=port, flags="A"))
+    assert rc == TC_ACT_REDIRECT and (Ether(got)[IP].dst, Ether(got)[TCP].dport) == (A["ip"], 45104)
+    assert harness.counter(CounterId.CTR_SNAT_NEW) == 2, "the first SYN and the second, not the ACK"
