@@ -36,17 +36,17 @@ static __always_inline void ct_reply_key(struct ct_key *k, const struct flow *f,
 	k->dir = CT_REPLY;
 }
 
-/* The forward entry's key of the flow a reply f belongs to, from its reply entry's VIP:port
- * and client (hairpin/SNAT: the real client; else the reply's destination). */
-static __always_inline void ct_forward_key_of_reply(struct ct_key *k, const struct flow *f, __be32 vip, __be16 port,
-						    __be32 client)
+/* The forward entry's key of the flow the reply entry rk belongs to, from that entry's
+ * VIP:port and client (hairpin/SNAT: the real client; else rk's destination). */
+static __always_inline void ct_forward_key_of_reply(struct ct_key *k, const struct ct_key *rk, __be32 vip,
+						    __be16 port, __be32 client)
 {
 	__builtin_memset(k, 0, sizeof(*k));
-	k->saddr = client ? client : f->daddr;
+	k->saddr = client ? client : rk->daddr;
 	k->daddr = vip;
-	k->sport = f->dport;
+	k->sport = rk->dport;
 	k->dport = port;
-	k->proto = f->proto;
+	k->proto = rk->proto;
 	k->dir = CT_FORWARD;
 }
 

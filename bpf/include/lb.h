@@ -21,6 +21,7 @@ enum lb_result {
 	LB_REJECT,		/* no ready backend: refuse the client */
 	LB_DROP_FRAGMENT,
 	LB_NAT_FAILED,
+	LB_TUPLE_CLASH,		/* a new flow would take over another live flow's reply entry */
 };
 
 static __always_inline __u32 mix32(__u32 h)
@@ -171,6 +172,39 @@ static __always_inline int ct_reply_is_of(const struct ct_entry *rev, const stru
 	return rev->nat_ip == f->daddr && rev->nat_port == f->dport && rev->snat_ip == (snat ? f->saddr : 0);
 }
 
+/* The forward entry of the flow the reply entry rk (value ct) belongs to is gone, closing or expired. */
+static __always_inline int reply_is_stale(const struct ct_key *rk, const struct ct_entry *ct, __u64 now)
+{
+	struct ct_key fk;
+	struct ct_entry *fwd;
+
+	ct_forward_key_of_reply(&fk, rk, ct->nat_ip, ct->nat_port, ct->snat_ip);
+	fwd = bpf_map_lookup_elem(&conntrack, &fk);
+	return !fwd || (fwd->flags & CT_F_CLOSING) || ct_expired(fwd, now, rk->proto);
+}
+
+/*
+ * The DNAT tuple clash that conntrack can see: the reply entry rk that the new flow f needs
+ * is held by another live service flow (one client port to two frontends that DNAT to the
+ * same backend:port; or two outside clients with the same port whose sources snat_remote
+ * replaced with one address). At the backend both are one 4-tuple. Writing our entry over
+ * the other would send that flow's replies to f's client (another socket; for SNAT, another
+ * host). netfilter remaps the new flow's source port; that needs a source port in
+ * ct_entry (a new layout that an upgrade would have to migrate), so for now the new flow is
+ * refused instead (lb_forward: dropped and counted; a TCP client retransmits its SYN and
+ * gets through once the other flow is closing or gone). Calico's BPF dataplane first did the
+ * same (felix #2983); Cilium documents the multi-VIP case as a known limitation.
+ * Costs one lookup per new flow; the established path never runs it.
+ */
+static __always_inline int reply_key_clashes(const struct ct_key *rk, const struct flow *f, __be32 snat, __u64 now)
+{
+	struct ct_entry *rev = bpf_map_lookup_elem(&conntrack, rk);
+
+	if (!rev || ct_reply_is_of(rev, f, snat) || ct_expired(rev, now, f->proto))
+		return 0;
+	return !reply_is_stale(rk, rev, now);
+}
+
 /*
  * A live forward entry whose reply entry the LRU evicted (or that outlived it: a UDP flow
  * whose backend is quiet for CT_TIMEOUT_OTHER) would let every reply pass untranslated,
@@ -255,6 +289,8 @@ static __always_inline enum lb_result lb_forward(struct __sk_buff *skb, struct f
 		ct_reply_key(&rk, f, be.ip, be.port, snat);
 		if (f->tcp_flags & TCPF_RST)
 			goto translate;		/* an RST ends a flow, never starts one (ct_forget) */
+		if (reply_key_clashes(&rk, f, snat, now))
+			return LB_TUPLE_CLASH;
 		/* Reply entry first: once the forward entry exists, replies may follow at once. */
 		if (bpf_map_update_elem(&conntrack, &rk, &rev, BPF_ANY) < 0 ||
 		    bpf_map_update_elem(&conntrack, &fk, &fwd, BPF_ANY) < 0)
@@ -271,16 +307,6 @@ translate:
 	return LB_TRANSLATED;
 }
 
-/* The forward entry of the flow a reply entry belongs to is gone or closing. */
-static __always_inline int reply_is_stale(const struct ct_entry *ct, const struct flow *f)
-{
-	struct ct_key fk;
-	struct ct_entry *fwd;
-
-	ct_forward_key_of_reply(&fk, f, ct->nat_ip, ct->nat_port, ct->snat_ip);
-	fwd = bpf_map_lookup_elem(&conntrack, &fk);
-	return !fwd || (fwd->flags & CT_F_CLOSING);
-}
 
 /* A reply of a translated flow: source back to VIP:port (and, for hairpin, destination
  * back to the real client). */
@@ -299,7 +325,7 @@ static __always_inline enum lb_result lb_reverse(struct __sk_buff *skb, struct f
 	now = bpf_ktime_get_ns();
 	if (ct_expired(ct, now, f->proto))
 		return LB_PASS;
-	if (f->proto == IPPROTO_TCP && (f->tcp_flags & TCPF_SYN) && reply_is_stale(ct, f)) {
+	if (f->proto == IPPROTO_TCP && (f->tcp_flags & TCPF_SYN) && reply_is_stale(&rk, ct, now)) {
 		/* A SYN-ACK on the tuple of a translated connection that is over: it answers a
 		 * new, direct connection (same client port, straight to the backend), which must
 		 * not be rewritten to come from the VIP. */
@@ -312,7 +338,7 @@ static __always_inline enum lb_result lb_reverse(struct __sk_buff *skb, struct f
 	if (f->tcp_flags & TCPF_RST) {	/* values read above: a deleted LRU entry may be reused at once */
 		struct ct_key fk;
 
-		ct_forward_key_of_reply(&fk, f, vip, port, client);
+		ct_forward_key_of_reply(&fk, &rk, vip, port, client);
 		ct_forget(&fk, &rk);
 	} else {
 		ct_touch(ct, f, now, skb->len);

@@ -119,6 +119,8 @@ static __always_inline int lb_verdict(struct __sk_buff *skb, const struct flow *
 		return drop(skb, CTR_DROP_FRAGMENT);
 	case LB_NAT_FAILED:
 		return drop(skb, CTR_DROP_NAT_FAILED);
+	case LB_TUPLE_CLASH:
+		return drop(skb, CTR_DROP_TUPLE_CLASH);
 	default:
 		return deliver(skb, r == LB_TRANSLATED);
 	}

@@ -53,7 +53,8 @@ enum counter_id {
 	CTR_SNAT_PORT_EXHAUSTED = 17,	/* dropped: no free masquerade port towards that destination */
 	CTR_DNS_FAST_ANSWER = 18,	/* a pod's A query to the DNS VIP answered by from_pod itself (dns.h) */
 	CTR_DNS_FAST_PASS = 19,		/* a pod's query to the DNS VIP left to the node's DNS server */
-	CTR_MAX = 20,
+	CTR_DROP_TUPLE_CLASH = 20,	/* dropped: a new service flow would be one 4-tuple at the backend with a live one (lb.h) */
+	CTR_MAX = 21,
 };
 
 struct counter {

@@ -23,7 +23,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from ctl.dataplane.bpf.types import CtDir, CtEntry, CounterId
-from tests.prog.conftest import TC_ACT_REDIRECT, program_service
+from tests.prog.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, program_service
 from tests.prog.test_services import A, B, C, VIP, send, setup
 
 AHEAD_NS = 50_000_000   # see the module docstring
@@ -160,3 +160,67 @@ def test_an_evicted_masquerade_claim_is_retaken_with_the_flows_own_port(harness)
     rc, got = ingress(harness, IP(src=WORLD, dst="192.168.100.1") / TCP(sport=443, dport=port, flags="A"))
     assert rc == TC_ACT_REDIRECT and (Ether(got)[IP].dst, Ether(got)[TCP].dport) == (A["ip"], 45104)
     assert harness.counter(CounterId.CTR_SNAT_NEW) == 2, "the first SYN and the second, not the ACK"
+
+
+# ------------------------------------------------------------------ 3. the DNAT tuple clash conntrack can see
+
+VIP2 = "10.96.0.11"
+
+
+def test_a_second_frontend_to_the_same_backend_from_the_same_port_does_not_steal_the_first_flow(harness):
+    """One pod, one source port, two VIPs that DNAT to B:8080: one 4-tuple at B. The second
+    flow is refused (dropped, counted) rather than given the first flow's reply entry, which
+    would send the first flow's replies to the second socket, from the wrong VIP."""
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)], sid=1)
+    program_service(harness, VIP2, 80, "tcp", [(B["ip"], 8080)], sid=2)
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45200, dport=80, flags="S"))
+    send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45200, flags="SA"))
+    rc, _ = send(harness, A, IP(src=A["ip"], dst=VIP2) / TCP(sport=45200, dport=80, flags="S"))
+    assert rc == TC_ACT_SHOT and harness.counter(CounterId.CTR_DROP_TUPLE_CLASH) == 1
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45200, flags="PA") / Raw(b"1"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (VIP, 80), "still the first flow's"
+    # The first flow's established packets are unaffected, and the refused one leaves no entry.
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45200, dport=80, flags="A"))
+    assert rc == TC_ACT_REDIRECT and pkt[IP].dst == B["ip"]
+    assert len(entries(harness, CtDir.CT_FORWARD)) == 1
+    # Once the first flow closes, the second one's retransmitted SYN gets through.
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45200, dport=80, flags="FA"))
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP2) / TCP(sport=45200, dport=80, flags="S"))
+    assert rc == TC_ACT_REDIRECT and (pkt[IP].dst, pkt[TCP].dport) == (B["ip"], 8080)
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45200, flags="SA"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (VIP2, 80)
+
+
+def test_a_udp_flow_to_a_second_frontend_is_refused_while_the_first_lives(harness):
+    setup(harness)
+    program_service(harness, VIP, 53, "udp", [(B["ip"], 5353)], sid=1)
+    program_service(harness, VIP2, 53, "udp", [(B["ip"], 5353)], sid=2)
+    send(harness, A, IP(src=A["ip"], dst=VIP) / UDP(sport=45201, dport=53) / Raw(b"q"))
+    rc, _ = send(harness, A, IP(src=A["ip"], dst=VIP2) / UDP(sport=45201, dport=53) / Raw(b"q"))
+    assert rc == TC_ACT_SHOT and harness.counter(CounterId.CTR_DROP_TUPLE_CLASH) == 1
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / UDP(sport=5353, dport=45201) / Raw(b"a"))
+    assert (rep[IP].src, rep[UDP].sport) == (VIP, 53)
+    # An expired first flow (120 s without a datagram) no longer blocks the tuple.
+    stamp(harness, CtDir.CT_FORWARD, time.monotonic_ns() - 121 * 10**9)
+    stamp(harness, CtDir.CT_REPLY, time.monotonic_ns() - 121 * 10**9)
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP2) / UDP(sport=45201, dport=53) / Raw(b"q"))
+    assert rc == TC_ACT_REDIRECT and pkt[IP].dst == B["ip"]
+
+
+def test_two_outside_clients_with_one_port_snated_to_one_address_do_not_share_a_flow(harness):
+    """A NodePort whose backend is on another node: the client's source becomes this node's
+    overlay address and keeps its port, so two clients with the same port are one 4-tuple
+    at the backend. The second is refused; the first flow's replies still go to the first."""
+    from ctl.dataplane.bpf.types import U32, Config
+    from tests.prog.test_forwards import NODE_IP
+    from tests.prog.test_hardening import from_outside
+    setup(harness)
+    harness.maps["config"].put(U32(value=0), Config.from_dict({
+        "service_net": "10.96.0.0", "service_mask": "255.240.0.0", "snat_ip": "10.244.1.0"}))
+    program_service(harness, NODE_IP, 30080, "tcp", [("10.244.2.7", 80)], sid=45)   # a pod on another node
+    from_outside(harness, IP(src="198.51.100.1", dst=NODE_IP) / TCP(sport=45202, dport=30080, flags="S"))
+    rc, _ = from_outside(harness, IP(src="198.51.100.2", dst=NODE_IP) / TCP(sport=45202, dport=30080, flags="S"))
+    assert rc == TC_ACT_SHOT and harness.counter(CounterId.CTR_DROP_TUPLE_CLASH) == 1
+    (_, v), = ((k, v.to_dict()) for k, v in entries(harness, CtDir.CT_REPLY))
+    assert v["snat_ip"] == "198.51.100.1", "the reply entry still sends the first flow's replies to its client"

@@ -37,7 +37,8 @@ class CounterId(enum.IntEnum):
     CTR_SNAT_PORT_EXHAUSTED = 17
     CTR_DNS_FAST_ANSWER = 18
     CTR_DNS_FAST_PASS = 19
-    CTR_MAX = 20
+    CTR_DROP_TUPLE_CLASH = 20
+    CTR_MAX = 21
 
 
 class CtDir(enum.IntEnum):
