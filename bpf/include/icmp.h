@@ -34,10 +34,29 @@ static __always_inline int rewrite_inner_addr(struct __sk_buff *skb, __u32 inner
 	return bpf_skb_store_bytes(skb, inner_off + field_off, &to, 4, 0);
 }
 
+/*
+ * The one rewrite every ICMP error translation makes to the packet it quotes (services here,
+ * masquerade in snat.h): an address (at field_off in the inner IP header, whose checksum
+ * follows) and the port or echo identifier at port_off (the ICMP checksum follows; the
+ * inner L4 checksum is left as is, see above).
+ */
+static __always_inline int icmp_rewrite_quoted(struct __sk_buff *skb, const struct flow *f, __u32 field_off,
+					       __be32 from, __be32 to, __u32 port_off, __be16 old_port, __be16 new_port)
+{
+	__u32 inner_off = f->l4_off + sizeof(struct icmphdr);
+
+	if (rewrite_inner_addr(skb, inner_off, field_off, from, to) < 0)
+		return -1;
+	if (old_port != new_port &&
+	    (bpf_l4_csum_replace(skb, f->l4_off + offsetof(struct icmphdr, checksum), old_port, new_port, 2) < 0 ||
+	     bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0))
+		return -1;
+	return 0;
+}
+
 static __always_inline enum lb_result lb_icmp_error(struct __sk_buff *skb, struct flow *f)
 {
 	__u32 inner_off = f->l4_off + sizeof(struct icmphdr);
-	__u32 icmp_csum_off = f->l4_off + offsetof(struct icmphdr, checksum);
 	struct iphdr inner;
 	__be16 ports[2];
 	struct ct_key rk = {};
@@ -62,15 +81,11 @@ static __always_inline enum lb_result lb_icmp_error(struct __sk_buff *skb, struc
 	vport = ct->nat_port;
 	client = ct->snat_ip;
 
-	if (rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, daddr), inner.daddr, vip) < 0)
+	if (icmp_rewrite_quoted(skb, f, offsetof(struct iphdr, daddr), inner.daddr, vip, inner_off + sizeof(inner) + 2,
+				ports[1], vport) < 0)
 		return LB_NAT_FAILED;
 	if (client && rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, saddr), inner.saddr, client) < 0)
 		return LB_NAT_FAILED;
-	if (vport != ports[1]) {
-		if (bpf_l4_csum_replace(skb, icmp_csum_off, ports[1], vport, 2) < 0 ||
-		    bpf_skb_store_bytes(skb, inner_off + sizeof(inner) + 2, &vport, 2, 0) < 0)
-			return LB_NAT_FAILED;
-	}
 	if (nat_rewrite(skb, f, NAT_SRC, vip, f->sport) < 0)
 		return LB_NAT_FAILED;
 	if (client && nat_rewrite(skb, f, NAT_DST, client, f->dport) < 0)

@@ -400,7 +400,6 @@ static __always_inline enum snat_result snat_icmp_error(struct __sk_buff *skb, s
 	__u32 inner_off = f->l4_off + sizeof(struct icmphdr);
 	__u32 l4_inner = inner_off + sizeof(struct iphdr);
 	__u32 port_off = l4_inner;
-	__u32 icmp_csum_off = f->l4_off + offsetof(struct icmphdr, checksum);
 	struct iphdr inner;
 	__be16 ports[4];	/* TCP/UDP: source, destination; ICMP: type/code, checksum, identifier, sequence */
 	__be16 node_port, remote_port = 0;
@@ -423,11 +422,8 @@ static __always_inline enum snat_result snat_icmp_error(struct __sk_buff *skb, s
 	in = bpf_map_lookup_elem(&conntrack, &ik);
 	if (!in || (in->flags & CT_F_HOST))
 		return SNAT_PASS;
-	if (rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, saddr), inner.saddr, in->nat_ip) < 0)
-		return SNAT_FAILED;
-	if (in->nat_port != node_port &&
-	    (bpf_l4_csum_replace(skb, icmp_csum_off, node_port, in->nat_port, 2) < 0 ||
-	     bpf_skb_store_bytes(skb, port_off, &in->nat_port, 2, 0) < 0))
+	if (icmp_rewrite_quoted(skb, f, offsetof(struct iphdr, saddr), inner.saddr, in->nat_ip, port_off, node_port,
+				in->nat_port) < 0)
 		return SNAT_FAILED;
 	if (nat_rewrite(skb, f, NAT_DST, in->nat_ip, f->dport) < 0)
 		return SNAT_FAILED;
@@ -442,7 +438,6 @@ static __always_inline enum snat_result snat_icmp_error_out(struct __sk_buff *sk
 							    const struct config *cfg)
 {
 	__u32 inner_off = f->l4_off + sizeof(struct icmphdr);
-	__u32 icmp_csum_off = f->l4_off + offsetof(struct icmphdr, checksum);
 	struct iphdr inner;
 	__be16 ports[2];
 	struct ct_key ok = {};
@@ -456,11 +451,8 @@ static __always_inline enum snat_result snat_icmp_error_out(struct __sk_buff *sk
 	out = bpf_map_lookup_elem(&conntrack, &ok);
 	if (!out)
 		return SNAT_PASS;	/* about no masqueraded flow: as any other packet of no flow */
-	if (rewrite_inner_addr(skb, inner_off, offsetof(struct iphdr, daddr), inner.daddr, out->nat_ip) < 0)
-		return SNAT_FAILED;
-	if (out->nat_port != ports[1] &&
-	    (bpf_l4_csum_replace(skb, icmp_csum_off, ports[1], out->nat_port, 2) < 0 ||
-	     bpf_skb_store_bytes(skb, inner_off + sizeof(inner) + 2, &out->nat_port, 2, 0) < 0))
+	if (icmp_rewrite_quoted(skb, f, offsetof(struct iphdr, daddr), inner.daddr, out->nat_ip,
+				inner_off + sizeof(inner) + 2, ports[1], out->nat_port) < 0)
 		return SNAT_FAILED;
 	if (nat_rewrite(skb, f, NAT_SRC, out->nat_ip, f->sport) < 0)
 		return SNAT_FAILED;
