@@ -18,6 +18,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from typing import Callable, Iterable
 
 import structlog
@@ -111,16 +112,20 @@ def answer(store: Store, store_url: str, node: str, doc: dict, written: Callable
     if doc.get("node") != node:
         return {"fallback": f"this daemon is node {node}'s, not {doc.get('node')}'s"}
     recording = RecordingStore(store)
+    started, outcome = time.monotonic(), "ok"
     try:
         return {"ok": perform(recording, node, str(doc.get("op")), doc.get("args"))}
     except AtomnetError as exc:
+        outcome = "error"
         return {"error": str(exc).strip()}
     except Exception as exc:   # a bug: one line to the client, the traceback in the daemon's log
+        outcome = "error"
         log.exception("nodeapi_crashed", op=doc.get("op"))
         return {"error": f"internal error in the daemon: {type(exc).__name__}: {exc}"}
     finally:
         if recording.keys:
             written(list(dict.fromkeys(recording.keys)))
+        log.info("nodeapi_request", op=doc.get("op"), outcome=outcome, seconds=round(time.monotonic() - started, 4))
 
 
 def peer_uid(sock: socket.socket) -> int:
