@@ -214,7 +214,7 @@ class Daemon:
             log.error("dns_failed", error=str(exc))
         # pod add/del and CNI ADD/DEL done here (ctl/runtimes/nodeapi_server.py); the keys they wrote, at once
         self.api = nodeapi_server.serve(self.store, self.store_url, self.node_name, str(self.loader.root),
-                                        lambda keys: self.events.put(("refresh", keys)))
+                                        self._programmed)
         readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
@@ -409,10 +409,20 @@ class Daemon:
                 self.vanished.add(self.model.pod_by_ifname[ifname])
         elif kind == "relist":
             self._relist()
-        elif kind == "refresh":   # keys the node API wrote: their current values, as if watched
-            kvs = [(key, self.store.get(key)) for key in payload]
-            self._take(("store", [Event("put", k, kv.value, kv.mod_revision) if kv else Event("delete", k, None, 0)
-                                  for k, kv in kvs]))
+        elif kind == "refresh":   # keys the node API wrote: their current values, as if watched, synced now
+            keys, done = payload
+            try:
+                kvs = [(key, self.store.get(key)) for key in keys]
+                self._take(("store", [Event("put", k, kv.value, kv.mod_revision) if kv else Event("delete", k, None, 0)
+                                      for k, kv in kvs]))
+                self.reconcile()
+            finally:
+                done.set()   # the request is answered once its pod is programmed
+
+    def _programmed(self, keys: list[str]) -> threading.Event:
+        done = threading.Event()
+        self.events.put(("refresh", (keys, done)))
+        return done
 
     def _relist(self) -> None:
         """After a compaction: the current content replaces the model's inputs."""

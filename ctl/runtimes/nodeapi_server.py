@@ -5,7 +5,8 @@ and store writes, as 20 plugin processes would) against the daemon's open store,
 the very functions the in-process path calls (`perform`: ctl/node/pods.add_pod and
 delete_pod, the CNI plugin's `run`), so a failure rolls back exactly as it does there and
 answers the same one line. Every key a request wrote is handed to `written(keys)`: the
-daemon re-reads those keys and programs them at once, not a watch round later.
+daemon re-reads those keys and programs them at once, not a watch round later, and the
+request is answered when that is done (`written` returns an Event; bounded by PROGRAM_WAIT).
 
 Root only: the socket's directory is 0700 and the socket 0600, and a peer that is not uid 0
 (SO_PEERCRED) is refused. A request for another store than the daemon's, or another node,
@@ -33,6 +34,9 @@ from .cni import plugin as cni_plugin
 log = structlog.get_logger("atomnet.nodeapi")
 
 STOP_GRACE = 10.0   # seconds a stopping daemon lets requests in flight finish (an ADD is ~30 ms)
+# A request is answered once the daemon has programmed what it wrote (the pod's endpoint is in
+# the map when `pod add` or ADD returns), or after this long if the daemon is busy (a big sync).
+PROGRAM_WAIT = 5.0
 
 
 class RecordingStore:
@@ -124,7 +128,9 @@ def answer(store: Store, store_url: str, node: str, doc: dict, written: Callable
         return {"error": f"internal error in the daemon: {type(exc).__name__}: {exc}"}
     finally:
         if recording.keys:
-            written(list(dict.fromkeys(recording.keys)))
+            done = written(list(dict.fromkeys(recording.keys)))
+            if done is not None and not done.wait(PROGRAM_WAIT):   # answered anyway: it is stored
+                log.warning("nodeapi_not_programmed_yet", op=doc.get("op"), waited=PROGRAM_WAIT)
         log.info("nodeapi_request", op=doc.get("op"), outcome=outcome, seconds=round(time.monotonic() - started, 4))
 
 

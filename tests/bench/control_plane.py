@@ -203,7 +203,8 @@ def pod_add_latencies(rig, node, store, maps: Maps, count: int, probe_vip: str, 
         "name": "podadd-probe", "vip": probe_vip, "selector": dict([PROBE_LABEL.split("=")]),
         "ports": [{"port": 80, "target_port": 8080, "proto": "tcp"}]}))
     other = rig.add_node("cq")
-    other.start_daemon()
+    other.start_daemon(wait=False)
+    other.wait_log("dataplane_ready", timeout=900)   # it programs the N services first
     remote = Maps(other.bpffs)
     rig.bench_maps.append(remote)
     wait_for(lambda: remote.backend_count(probe_vip, 80) is not None, timeout=900)

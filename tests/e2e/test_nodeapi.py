@@ -62,6 +62,7 @@ def gone(node, pod: dict) -> None:
 def test_through_the_daemon_and_in_process_the_same_pod_the_same_dataplane(rig, node):
     a = pod_add(node, "a", "--label", "app=x")
     assert served(node, "pod.add") == 1
+    assert a["ip"] in {e["ip"] for e in node.atomnet_json("endpoint", "list")}, "programmed when pod add returns"
     b = pod_add(node, "b", "--label", "app=x", env=OFF)
     assert served(node, "pod.add") == 1, "the in-process add did not go to the daemon"
     assert list(a) == list(b), "the same -j keys in the same order"
@@ -149,8 +150,7 @@ def test_cni_add_and_del_go_through_the_daemon(rig, node, tmp_path):
     assert (rc1, rc2) == (0, 0), (r1, r2)
     assert served(node, "cni") == 2
     ip1, ip2 = (r["ips"][0]["address"].split("/")[0] for r in (r1, r2))
-    node.wait_endpoint(ip1)
-    node.wait_endpoint(ip2)
+    assert {ip1, ip2} <= {e["ip"] for e in node.atomnet_json("endpoint", "list")}, "programmed when ADD returns"
     assert in_pod(ns1.rsplit("/", 1)[1], "ping", "-c", "1", "-W", "2", ip2, check=False).returncode == 0
     # an error object through the daemon, as the plugin gives it in-process
     rc, err = cni.call("ADD", "ctr1", ns2)
