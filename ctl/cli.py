@@ -96,10 +96,12 @@ def build_parser() -> Parser:
 
     pod = verbs.add_parser("pod", help="pods").add_subparsers(dest="action", required=True, parser_class=Parser)
     add = verb(pod, "add", "create a pod: namespace, veth, address", _pod_add)
+    add.set_defaults(light=True)
     add.add_argument("name")
     add.add_argument("--label", action="append", default=[], metavar="K=V")
     add.add_argument("--netns", help="use this existing namespace (path or name under /run/netns)")
     rm = verb(pod, "del", "delete a pod (idempotent)", _pod_del)
+    rm.set_defaults(light=True)
     rm.add_argument("name")
     verb(pod, "list", "list pods", _pod_list)
 
@@ -174,7 +176,7 @@ def _loader(args):
 
 
 def _pod_row(pod) -> dict:
-    d = pod.to_dict()
+    d = dict(pod) if isinstance(pod, dict) else pod.to_dict()   # a dict: as the node API answered
     d.pop("netns_owned")
     return d
 
@@ -207,18 +209,28 @@ def _network_show(args) -> None:
           "dns_vip": dns_vip_of(cluster)}, args.json)
 
 
-def _pod_add(args) -> None:
-    from .state.model import parse_labels
-    from .node.pods import add_pod
-    labels = parse_labels(args.label)
+def _node_api(args, op: str, api_args: dict):
+    """`pod add/del`: the node's running daemon does it (ctl/runtimes/nodeapi.py; no pyroute2 or
+    store client to import here, and the endpoint is programmed at once); with no daemon, this
+    process does it through the same function (nodeapi_server.perform)."""
+    from .runtimes import nodeapi
+    try:
+        return nodeapi.call(nodeapi.socket_path(args.node, args.bpffs), op, args.store, args.node, api_args)
+    except nodeapi.Unavailable:
+        pass
+    _configure_logs()
+    from .runtimes.nodeapi_server import perform
     with _store(args) as store:
-        emit(_pod_row(add_pod(store, args.node, args.name, labels, args.netns)), args.json, POD_COLUMNS)
+        return perform(store, args.node, op, api_args)
+
+
+def _pod_add(args) -> None:
+    pod = _node_api(args, "pod.add", {"name": args.name, "labels": args.label, "netns": args.netns})
+    emit(_pod_row(pod), args.json, POD_COLUMNS)
 
 
 def _pod_del(args) -> None:
-    from .node.pods import delete_pod
-    with _store(args) as store:
-        gone = delete_pod(store, args.node, args.name)
+    gone = _node_api(args, "pod.del", {"name": args.name})
     if args.json:
         emit([_pod_row(gone)] if gone else [], True)
     else:
@@ -558,11 +570,16 @@ def _docker_plugin(args) -> None:
         serve(args.socket, Driver(store, args.node, docker))
 
 
+def _configure_logs() -> None:
+    from . import logs
+    logs.configure("console", os.environ.get("ATOMNET_LOG_LEVEL", "warning"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.verb not in ("daemon", "docker-plugin"):
-        from . import logs
-        logs.configure("console", os.environ.get("ATOMNET_LOG_LEVEL", "warning"))
+    # `light` verbs configure logging only when they do the work here (structlog costs an import)
+    if args.verb not in ("daemon", "docker-plugin") and not getattr(args, "light", False):
+        _configure_logs()
     try:
         args.func(args)
         return 0

@@ -51,7 +51,8 @@ from .state.model import (ATOMNET_CONFIG_KEY, FORWARDS_PREFIX, NETWORK_CONFIG_KE
                           parse_port_range)
 from .state import validate
 from .runtimes.cni import orphans
-from .state.store import Compacted, Store, StoreError, open_store
+from .runtimes import nodeapi_server
+from .state.store import Compacted, Event, Store, StoreError, open_store
 
 log = structlog.get_logger("atomnet.daemon")
 
@@ -211,6 +212,9 @@ class Daemon:
             self.dns.start(self.store, maps=self.loaded.maps)   # fed by _dispatch; fills the fast path's map
         except (AtomnetError, OSError) as exc:   # names are lost, the dataplane is not: keep forwarding
             log.error("dns_failed", error=str(exc))
+        # pod add/del and CNI ADD/DEL done here (ctl/runtimes/nodeapi_server.py); the keys they wrote, at once
+        self.api = nodeapi_server.serve(self.store, self.store_url, self.node_name, str(self.loader.root),
+                                        self._programmed)
         readiness.mark_ready(str(self.loader.root), self.node_name)   # what CNI STATUS reads
         log.info("dataplane_ready", bpffs=str(self.loader.root),
                  programs={n: sc.prog_info(fd).id for n, fd in self.loaded.programs.items()})
@@ -405,6 +409,20 @@ class Daemon:
                 self.vanished.add(self.model.pod_by_ifname[ifname])
         elif kind == "relist":
             self._relist()
+        elif kind == "refresh":   # keys the node API wrote: their current values, as if watched, synced now
+            keys, done = payload
+            try:
+                kvs = [(key, self.store.get(key)) for key in keys]
+                self._take(("store", [Event("put", k, kv.value, kv.mod_revision) if kv else Event("delete", k, None, 0)
+                                      for k, kv in kvs]))
+                self.reconcile()
+            finally:
+                done.set()   # the request is answered once its pod is programmed
+
+    def _programmed(self, keys: list[str]) -> threading.Event:
+        done = threading.Event()
+        self.events.put(("refresh", (keys, done)))
+        return done
 
     def _relist(self) -> None:
         """After a compaction: the current content replaces the model's inputs."""
@@ -506,6 +524,8 @@ class Daemon:
         self.stopping = True
 
     def close(self) -> None:
+        if getattr(self, "api", None):
+            self.api.stop()
         self.dns.stop()
         readiness.clear(str(self.loader.root))
         if getattr(self, "linkwatch", None):

@@ -8,13 +8,15 @@ the host-side veth, where from_pod runs.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS, netns as pr_netns
+from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import AtomnetError
@@ -109,10 +111,64 @@ def netns_path(name_or_path: str) -> Path:
     return Path(name_or_path) if "/" in name_or_path else NETNS_DIR / name_or_path
 
 
+CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def on_netns_thread(fn, netns: Path | None = None):
+    """fn() on a fresh thread whose network namespace is `netns`, or a new one (None).
+    A network namespace belongs to a thread, not a process: this is what pyroute2's NetNS and
+    netns.create do with a forked child, without forking the caller (the daemon serves pod adds
+    from a process of hundreds of MiB and many threads; a fork costs it more than the work).
+    A fresh thread each time, never a pooled one: it dies in the namespace it entered."""
+    out: dict = {}
+
+    def body():
+        try:
+            if netns is None:
+                _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            else:
+                fd = os.open(netns, os.O_RDONLY)
+                try:
+                    _check(_libc.setns(fd, CLONE_NEWNET), f"setns {netns}")
+                finally:
+                    os.close(fd)
+            out["value"] = fn()
+        except BaseException as exc:   # re-raised on the caller's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=body, name="netns")
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
 def create_netns(path: Path) -> None:
+    """`ip netns add`: a new namespace bind-mounted on /run/netns/NAME (iproute2's steps: the
+    directory a shared mount, so the binds propagate to other mount namespaces)."""
     if path.parent != NETNS_DIR:
         raise AtomnetError(f"can only create namespaces under {NETNS_DIR}; create {path} first")
-    pr_netns.create(path.name)
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    d = str(NETNS_DIR).encode()
+    if _libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None) != 0:
+        _check(_libc.mount(d, d, b"none", MS_BIND | MS_REC, None), f"mount --bind {NETNS_DIR}")
+        _check(_libc.mount(b"", d, b"none", MS_SHARED | MS_REC, None), f"mount --make-shared {NETNS_DIR}")
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    try:
+        on_netns_thread(lambda: _check(_libc.mount(b"/proc/thread-self/ns/net", str(path).encode(), b"none",
+                                                   MS_BIND, None), f"mount --bind {path}"))
+    except BaseException:
+        os.unlink(path)
+        raise
 
 
 def remove_netns(path: Path) -> None:
@@ -132,23 +188,24 @@ def create_pod_links(netns: Path, host_if: str, ip: str, mtu: int, ifname: str =
         os.close(fd)
     try:
         host_mac = _configure_host_side(host_if, ip)
-        pod_ns = NetNS(str(netns), flags=0)
-        try:
-            lo = pod_ns.link_lookup(ifname="lo")[0]
-            pod_ns.link("set", index=lo, state="up")
-            eth = pod_ns.link_lookup(ifname=ifname)[0]
-            pod_mac = pod_ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
-            pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
-            # IPv4-only dataplane: no IPv6 link-local address, so no RS/MLD chatter that
-            # from_pod would only drop (and count) as unsupported.
-            _no_ipv6_linklocal(pod_ns, eth)
-            pod_ns.link("set", index=eth, state="up")
-            pod_ns.route("add", dst=f"{POD_GATEWAY}/32", oif=eth, scope=253)
-            pod_ns.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth)
-            pod_ns.neigh("add", dst=POD_GATEWAY, lladdr=host_mac, ifindex=eth, state=0x80)  # NUD_PERMANENT
-        finally:
-            pod_ns.close()
-        return pod_mac, host_mac
+
+        def pod_side() -> str:
+            with ipr() as pod_ns:
+                lo = pod_ns.link_lookup(ifname="lo")[0]
+                pod_ns.link("set", index=lo, state="up")
+                eth = pod_ns.link_lookup(ifname=ifname)[0]
+                pod_mac = pod_ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
+                pod_ns.addr("add", index=eth, address=ip, prefixlen=32)
+                # IPv4-only dataplane: no IPv6 link-local address, so no RS/MLD chatter that
+                # from_pod would only drop (and count) as unsupported.
+                _no_ipv6_linklocal(pod_ns, eth)
+                pod_ns.link("set", index=eth, state="up")
+                pod_ns.route("add", dst=f"{POD_GATEWAY}/32", oif=eth, scope=253)
+                pod_ns.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=eth)
+                pod_ns.neigh("add", dst=POD_GATEWAY, lladdr=host_mac, ifindex=eth, state=0x80)  # NUD_PERMANENT
+                return pod_mac
+
+        return on_netns_thread(pod_side, netns), host_mac
     except Exception:
         delete_pod_links(host_if)
         raise
@@ -186,24 +243,25 @@ def pod_link_problems(netns: Path, host_if: str, ifname: str, ip: str) -> list[s
             problems.append(f"host-side interface {host_if} is missing")
     if not netns.exists():
         return problems + [f"network namespace {netns} does not exist"]
-    pod_ns = NetNS(str(netns), flags=0)
-    try:
-        found = pod_ns.link_lookup(ifname=ifname)
-        if not found:
-            return problems + [f"interface {ifname} is missing in {netns}"]
-        index = found[0]
-        addrs = {a.get_attr("IFA_ADDRESS") for a in pod_ns.get_addr(index=index, family=2)}
-        if ip not in addrs:
-            problems.append(f"{ifname} does not have address {ip} (has {', '.join(sorted(addrs)) or 'none'})")
-        routes = [(r.get_attr("RTA_DST"), r["dst_len"], r.get_attr("RTA_GATEWAY"))
-                  for r in pod_ns.get_routes(family=2, table=254) if r.get_attr("RTA_OIF") == index]
-        if (POD_GATEWAY, 32, None) not in routes:
-            problems.append(f"no route to the gateway {POD_GATEWAY} on {ifname}")
-        if (None, 0, POD_GATEWAY) not in routes:
-            problems.append(f"no default route via {POD_GATEWAY} on {ifname}")
-    finally:
-        pod_ns.close()
-    return problems
+
+    def pod_side() -> list[str]:
+        with ipr() as pod_ns:
+            found = pod_ns.link_lookup(ifname=ifname)
+            if not found:
+                return [f"interface {ifname} is missing in {netns}"]
+            index, out = found[0], []
+            addrs = {a.get_attr("IFA_ADDRESS") for a in pod_ns.get_addr(index=index, family=2)}
+            if ip not in addrs:
+                out.append(f"{ifname} does not have address {ip} (has {', '.join(sorted(addrs)) or 'none'})")
+            routes = [(r.get_attr("RTA_DST"), r["dst_len"], r.get_attr("RTA_GATEWAY"))
+                      for r in pod_ns.get_routes(family=2, table=254) if r.get_attr("RTA_OIF") == index]
+            if (POD_GATEWAY, 32, None) not in routes:
+                out.append(f"no route to the gateway {POD_GATEWAY} on {ifname}")
+            if (None, 0, POD_GATEWAY) not in routes:
+                out.append(f"no default route via {POD_GATEWAY} on {ifname}")
+            return out
+
+    return problems + on_netns_thread(pod_side, netns)
 
 
 

@@ -5,7 +5,11 @@
 - change one service among N (add one, delete one, change one's backends): the store write
   (ctl.state.services, what the CLI calls, in this process: no CLI start-up) -> the change
   visible in the pinned kernel maps (polled with lookups: the "maps updated" condition);
-- pod add -> its endpoint in the endpoints map (CLI, which creates netns and veth);
+- pod add -> its endpoint in the endpoints map (CLI start, through the node's daemon: the node
+  API), and -> the pod a backend on a second node (a service selecting it there: what another
+  node programs for a new pod; tunnels are per node lease and a pod changes none); interleaved
+  with the same add done in the CLI's process (ATOMNET_API_SOCKET=off: what it costs without a
+  daemon, and what it cost before the node API);
 - daemon RSS after programming, its CPU while nothing changes, one metrics scrape.
 """
 from __future__ import annotations
@@ -56,6 +60,10 @@ class Maps:
         v = self.services.get(self.ServiceKey.from_dict({"vip": vip, "port": port, "proto": 6}))
         return None if v is None else v.to_bytes()
 
+    def backend_count(self, vip: str, port: int) -> int | None:
+        v = self.services.get(self.ServiceKey.from_dict({"vip": vip, "port": port, "proto": 6}))
+        return None if v is None else v.backend_count
+
     def endpoint(self, ip: str):
         return self.endpoints.get(self.EndpointKey.from_dict({"ip": ip}))
 
@@ -102,6 +110,7 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
 
     rig = fresh_rig(parent_tmp, uids, "cp")
     maps = store = None
+    rig.bench_maps = []   # the second node's, closed with the rest
     try:
         node = rig.add_node("cp")
         extra = ["--metrics", f"127.0.0.1:{metrics_port}"] if metrics_port else []
@@ -145,14 +154,7 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
         out["write_p50"] = pctl(writes, 0.5)
         out["change_p50"], out["change_p99"] = pctl(all_changes, 0.5), pctl(all_changes, 0.99)
         if pod_adds:
-            lat = []
-            for k in range(pod_adds):
-                t0 = time.monotonic()
-                pod = node.add_pod(f"x{k}")   # tracked: the rig's teardown removes its netns
-                cli = time.monotonic() - t0
-                t_ep = wait_for(lambda: maps.endpoint(pod["ip"]) is not None)
-                lat.append({"wall": t_ep - t0, "cli": cli})
-            out["pod_add"] = lat
+            out.update(pod_add_latencies(rig, node, store, maps, pod_adds, vip(n + changes), log))
         if metrics_port:
             scrape = node.exec("/usr/bin/python3", "-c",
                                "import time,urllib.request\n"
@@ -178,12 +180,60 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
     finally:
         if maps is not None:
             maps.close()
+        for m in rig.bench_maps:
+            m.close()
         if store is not None:
             store.close()
         rig.teardown()
 
 
-if __name__ == "__main__":   # a quick look: python -m tests.bench.control_plane N NB
+PROBE_LABEL = "bench=podadd"
+
+
+def pod_add_latencies(rig, node, store, maps: Maps, count: int, probe_vip: str, log=print) -> dict:
+    """`atomnet pod add` (CLI start) -> its endpoint in this node's map, and -> a backend of a
+    service on a second node whose selector matches it; each daemon add interleaved with one
+    done in the CLI's process. The second node starts here, so the change timings above ran
+    beside one daemon only; it programs the same N services before the first add."""
+    import subprocess
+    from ctl.state import services as svclib
+    from ctl.state.model import Service
+    from tests.e2e.rig import ATOMNET
+    svclib.add_service(store, Service.from_dict({
+        "name": "podadd-probe", "vip": probe_vip, "selector": dict([PROBE_LABEL.split("=")]),
+        "ports": [{"port": 80, "target_port": 8080, "proto": "tcp"}]}))
+    other = rig.add_node("cq")
+    other.start_daemon(wait=False)
+    other.wait_log("dataplane_ready", timeout=900)   # it programs the N services first
+    remote = Maps(other.bpffs)
+    rig.bench_maps.append(remote)
+    wait_for(lambda: remote.backend_count(probe_vip, 80) is not None, timeout=900)
+    wait_for(lambda: maps.backend_count(probe_vip, 80) is not None, timeout=60)
+    out: dict = {"pod_add": [], "pod_add_inproc": []}
+    for k in range(count):
+        for key, env in (("pod_add", {}), ("pod_add_inproc", {"ATOMNET_API_SOCKET": "off"})):
+            name = f"p{rig.uid}-{'x' if not env else 'y'}{k}"
+            node.pods.append(name)   # the rig's teardown removes it
+            before = remote.backend_count(probe_vip, 80)
+            t0 = time.monotonic()
+            res = subprocess.run(node.nsenter + ATOMNET + ["-j", "pod", "add", name, "--label", PROBE_LABEL],
+                                 env={**node.env(), **env}, capture_output=True, text=True, timeout=120)
+            cli = time.monotonic() - t0
+            if res.returncode != 0:
+                raise AssertionError(f"pod add failed: {res.stderr.strip()}")
+            ip = json.loads(res.stdout)["ip"]
+            t_ep = wait_for(lambda: maps.endpoint(ip) is not None)
+            t_remote = wait_for(lambda: remote.backend_count(probe_vip, 80) == before + 1)
+            out[key].append({"wall": t_ep - t0, "remote": t_remote - t0, "cli": cli})
+    for key in ("pod_add", "pod_add_inproc"):
+        lat = out[key]
+        log(f"  {key}: CLI start -> endpoint p50 {pctl([x['wall'] for x in lat], .5) * 1000:.1f} ms, -> backend on "
+            f"another node p50 {pctl([x['remote'] for x in lat], .5) * 1000:.1f} ms (CLI exit p50 "
+            f"{pctl([x['cli'] for x in lat], .5) * 1000:.1f} ms, {len(lat)} adds)")
+    return out
+
+
+if __name__ == "__main__":   # a quick look: python -m tests.bench.control_plane N NB [CHANGES IDLE POD_ADDS]
     import sys
     from .cases import Bench, Config
     n, nb = int(sys.argv[1]), int(sys.argv[2])
@@ -193,5 +243,5 @@ if __name__ == "__main__":   # a quick look: python -m tests.bench.control_plane
     res = run_node(tmp, [], n, nb, 20, int(sys.argv[3]) if len(sys.argv) > 3 else 10,
                    lambda node, docs, min_changes, timeout: Bench.atomnet_apply(bench, node, docs, min_changes=min_changes,
                                                                                 timeout=timeout),
-                   idle_window=float(sys.argv[4]) if len(sys.argv) > 4 else 0, metrics_port=9641, pod_adds=3)
+                   idle_window=float(sys.argv[4]) if len(sys.argv) > 4 else 0, metrics_port=9641, pod_adds=int(sys.argv[5]) if len(sys.argv) > 5 else 5)
     print(json.dumps({k: v for k, v in res.items()}, default=str)[:3000])

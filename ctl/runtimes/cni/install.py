@@ -32,7 +32,7 @@ def shim_text(python: str | None = None) -> str:
     root = str(Path(ctl.__file__).resolve().parents[1])   # where the ctl package lives
     return ("#!/bin/sh\n# atomnet CNI plugin: written by `atomnet cni install`\n"
             f"PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}} "
-            f"exec {shlex.quote(python)} -m ctl.runtimes.cni.plugin \"$@\"\n")
+            f"exec {shlex.quote(python)} -m ctl.runtimes.cni.entry \"$@\"\n")
 
 
 def conflist(store: str, node: str, bpffs: str, chain: list[dict] | None = None,

@@ -2,24 +2,23 @@
 the runtime's CNI bin dir by `atomnet cni install`).
 
 ADD records the pod like `atomnet pod add` does (ctl/node/pods.add_pod: address, veth into
-CNI_NETNS, store record) plus its portMappings as forwards owned by the pod, and returns at
-once: it never talks to the daemon, which programs the endpoint when it next reconciles
-(within one store-watch round, about half a second, while it runs). Every step that fails
-undoes the earlier ones, so a failed ADD leaves no veth, record, address or forward.
+CNI_NETNS, store record) plus its portMappings as forwards owned by the pod. Every step that
+fails undoes the earlier ones, so a failed ADD leaves no veth, record, address or forward.
+
+The executable's entry is ctl/runtimes/cni/entry.py: ADD and DEL go to this node's running
+daemon (ctl/runtimes/nodeapi.py), which runs `run` below against its open store and programs
+the endpoint at once; this module is imported, and `run` called in-process, only when no
+daemon answers (and for CHECK, STATUS, GC, VERSION).
 
 stdout carries only the result or the error object; logs go to stderr.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
-import sys
 from contextlib import contextmanager
 
 import structlog
 
-from ... import logs
 from ...errors import AtomnetError
 from ...node import forwards as fwdlib, netplumb, pods as podlib, readiness
 from ...state import cluster, forwards as fwdstate
@@ -27,12 +26,11 @@ from ...state.model import POD_GATEWAY, ValidationError, pod_addresses
 from ...state.pods import list_pods
 from ...state.store import StoreError, open_store
 from . import protocol as p
+from .entry import settings
 
 log = structlog.get_logger("atomnet.cni")
 
 RUNTIME = "cni"
-DEFAULT_STORE = "sqlite:///var/lib/atomnet/state.db"
-DEFAULT_BPFFS = "/sys/fs/bpf/atomnet"
 
 
 @contextmanager
@@ -49,13 +47,6 @@ def failing_as(code: int, prefix: str = ""):
         raise p.CniError(code, f"{prefix}{exc}") from None
 
 
-def settings(req: p.Request) -> tuple[str, str, str]:
-    """store, node, bpffs: the conflist's (written by `atomnet cni install`), else atomnet's env/defaults."""
-    return (req.store or os.environ.get("ATOMNET_STORE", DEFAULT_STORE),
-            req.node or os.environ.get("ATOMNET_NODE") or socket.gethostname(),
-            req.bpffs or os.environ.get("ATOMNET_BPFFS", DEFAULT_BPFFS))
-
-
 def pods_of(store, node: str, container_id: str, ifname: str | None = None):
     return [pod for pod in list_pods(store, node) if pod.runtime == RUNTIME and pod.container_id == container_id
             and (ifname is None or pod.ifname == ifname)]
@@ -69,12 +60,22 @@ def remove_pod(store, node: str, pod) -> None:
     podlib.delete_pod(store, node, pod.name)
 
 
-def cmd_add(req: p.Request) -> dict:
-    store_url, node_name, _ = settings(req)
-    name = p.pod_name(req)
-    with failing_as(p.INVALID_CONFIG, "store: "):
-        store = open_store(store_url)
+@contextmanager
+def opened(req: p.Request, store, code: int):
+    """The daemon's store when it runs the command (given), else the request's, opened here."""
+    if store is not None:
+        yield store
+        return
+    with failing_as(code, "store: "):
+        store = open_store(settings(req)[0])
     with store:
+        yield store
+
+
+def cmd_add(req: p.Request, store=None, node_name: str | None = None) -> dict:
+    node_name = node_name or settings(req)[1]
+    name = p.pod_name(req)
+    with opened(req, store, p.INVALID_CONFIG) as store:
         with failing_as(p.TRY_AGAIN_LATER):   # e.g. no network configured yet, or no subnet yet
             node = podlib.local_node(store, node_name)
         existing = pods_of(store, node_name, req.container_id, req.ifname)
@@ -108,12 +109,10 @@ def cmd_add(req: p.Request) -> dict:
                         mac=pod.mac, netns=req.netns, ip=pod.ip, gateway=POD_GATEWAY, mtu=node.pod_mtu)
 
 
-def cmd_del(req: p.Request) -> None:
+def cmd_del(req: p.Request, store=None, node_name: str | None = None) -> None:
     """Idempotent: an unknown container, a second DEL and a vanished netns all succeed."""
-    store_url, node_name, _ = settings(req)
-    with failing_as(p.TRY_AGAIN_LATER, "store: "):
-        store = open_store(store_url)
-    with store, failing_as(p.TRY_AGAIN_LATER):
+    node_name = node_name or settings(req)[1]
+    with opened(req, store, p.TRY_AGAIN_LATER) as store, failing_as(p.TRY_AGAIN_LATER):
         for pod in pods_of(store, node_name, req.container_id, req.ifname):
             remove_pod(store, node_name, pod)
             log.info("cni_del", pod=pod.name, container_id=req.container_id)
@@ -174,12 +173,18 @@ def cmd_version(req: p.Request) -> dict:
 
 HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc,
             "VERSION": cmd_version}
+WITH_STORE = ("ADD", "DEL")   # the commands the daemon runs for the plugin (with its store and node)
 
 
-def run(env, stdin: str) -> tuple[dict | None, int]:
-    """One invocation: (what to print on stdout, exit status)."""
+def run(env, stdin: str, store=None, node: str | None = None) -> tuple[dict | None, int]:
+    """One invocation: (what to print on stdout, exit status). `store`/`node`: the daemon's,
+    when it runs an ADD or DEL for the plugin (ctl/runtimes/nodeapi_server.py)."""
     try:
         req = p.parse_request(env, stdin)
+        if store is not None:
+            if req.command not in WITH_STORE:
+                raise p.CniError(p.INVALID_ENVIRONMENT, f"{req.command} is not run by the daemon")
+            return HANDLERS[req.command](req, store, node), 0
         return HANDLERS[req.command](req), 0
     except p.CniError as exc:
         log.warning("cni_failed", command=env.get("CNI_COMMAND"), container_id=env.get("CNI_CONTAINERID"),
@@ -194,13 +199,7 @@ def run(env, stdin: str) -> tuple[dict | None, int]:
             p.response_version(stdin)), 1
 
 
-def main() -> int:
-    logs.configure("console", os.environ.get("ATOMNET_LOG_LEVEL", "warning"))
-    out, status = run(os.environ, sys.stdin.read())
-    if out is not None:
-        sys.stdout.write(json.dumps(out) + "\n")
-    return status
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # shims written before entry.py existed exec this module
+    import sys
+    from .entry import main
     sys.exit(main())
