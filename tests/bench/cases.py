@@ -46,9 +46,6 @@ class Config:
     cp_changes: int = 30            # adds, backend changes and deletes timed per control-plane repetition
     cp_pod_adds: int = 5
     cp_cluster: tuple[int, int, int] = (200, 10_000, 1000)   # simulated nodes, their pods, services (etcd)
-    # The flatness row at 50 000 services (one fresh node, one repetition): 0 leaves it out. Off by
-    # default: ~6.4 GB of kernel memory for its tables (128 KiB each) and minutes of bench time.
-    cp_large_services: int = 0
     iptables: str = "iptables-legacy"
 
 
@@ -555,29 +552,7 @@ class Bench:
                                  note="no periodic resync any more: the store watch and netlink wake the daemon; "
                                       "the drift check (ctl/daemon.py DRIFT_SECONDS = 300 s) is outside the window"))
         self.series["control_plane"] = {k: v.to_dict() for k, v in s.items()}
-        if c.cp_large_services:
-            self.control_plane_large(c.cp_large_services, nb, pool)
         self.control_plane_cluster()
-
-    def control_plane_large(self, n: int, nb: int, pool: int) -> None:
-        """The flatness row's third size: one change among `n` services (one repetition)."""
-        from .control_plane import run_node
-        label = f"{n:,}".replace(",", " ")
-        self.step(f"case: control plane, one change among {label} services")
-        main = getattr(self, "n1", None)
-        with paused(main.daemon if main else None):
-            a = run_node(self.rig.tmp, self.uids, n, nb, pool, self.cfg.cp_changes, self.atomnet_apply, log=self.log)
-        p50, p99 = Series("atomnet"), Series("atomnet")
-        p50.samples.append(Sample(a["change_p50"]))
-        p99.samples.append(Sample(a["change_p99"]))
-        self.rows += [
-            Row(f"control plane: change one service among {label}", "store write → maps updated, p50", "s", p50, None,
-                [Target("<=", 0.010, absolute=True, text="< 10 ms")], better="lower",
-                note=f"flatness; one repetition (program {a['program']['wall']:.1f} s, RSS {a['rss_end_mib']:.0f} MiB)"),
-            Row(f"control plane: change one service among {label}", "store write → maps updated, p99", "s", p99, None,
-                [Target("<=", 0.050, absolute=True, text="< 50 ms")], better="lower"),
-        ]
-        self.series["control_plane_large"] = {"p50": p50.to_dict(), "p99": p99.to_dict()}
 
     def control_plane_cluster(self) -> None:
         """Issue 15's cluster row: simulated nodes and pods in one real etcd, one real daemon."""

@@ -71,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iptables", choices=("legacy", "nft"), default="legacy",
                     help="iptables backend of the baselines (default legacy: see RESULTS.md)")
     ap.add_argument("--only", choices=("control-plane", "dns"), help="run only these rows (RESULTS.md then holds only them)")
-    ap.add_argument("--cp-large", type=int, default=0, metavar="N",
-                    help="add the flatness row at N services (e.g. 50000: ~6.4 GB of kernel memory, minutes)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (network namespaces, BPF, iptables): sudo make bench", file=sys.stderr)
@@ -81,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, iptables=f"iptables-{args.iptables}")
     if args.reps:
         cfg = dataclasses.replace(cfg, reps=args.reps)
-    if args.cp_large:
-        cfg = dataclasses.replace(cfg, cp_large_services=args.cp_large)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     given = " ".join(sys.argv[1:] if argv is None else argv)
