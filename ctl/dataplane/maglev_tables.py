@@ -196,11 +196,13 @@ class MaglevTables:
         return wait
 
     def _point(self, todo: dict[int, MaglevSpec], built: int) -> int:
+        # Every new reference first, then the old ones dropped: in one batch a service port may
+        # move onto the table another one moves off (unreferencing first would free it).
+        for spec in todo.values():
+            self.tables[self.shape(spec)].refs += 1
         for sid, spec in todo.items():
-            shape = self.shape(spec)
-            self.tables[shape].refs += 1
             self._unref(self.slots.get(sid))
-            self.slots[sid] = shape
+            self.slots[sid] = self.shape(spec)
         self.built_total += built
         return built
 
