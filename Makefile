@@ -59,7 +59,7 @@ build: setup $(BPF_OBJS)
 MAGLEV_SO := ctl/dataplane/native/_maglev.so
 build: $(MAGLEV_SO)
 $(MAGLEV_SO): ctl/dataplane/native/maglev.c
-	$(CLANG) -O2 -Wall -Werror -shared -fPIC $< -o $@
+	$(CLANG) -O2 -Wall -Werror -shared -fPIC -pthread $< -o $@
 
 $(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
 	@command -v $(CLANG) >/dev/null || { echo "clang not found: apt-get install clang llvm" >&2; exit 1; }

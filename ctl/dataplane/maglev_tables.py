@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import threading
+from array import array
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -36,15 +37,15 @@ from .bpf import syscalls as sc
 from .bpf.maps import Map
 from .bpf.types import BackendAddr, U32
 from .desired import MaglevSpec
-from .native import lib
+from .native import Job, lib
 
 log = structlog.get_logger("atomnet.maglev")
 
 Shape = tuple   # (table_size, sorted ((ip, port), ...)): what a table's content depends on
 
-# ctypes calls release the GIL: many tables are filled on this many threads at once.
+# Tables are built by native threads (maglev_build_many): this many for a big batch.
 BUILD_THREADS = 2
-PARALLEL_FROM = 16          # fewer tables than this are filled inline (a thread hand-off costs more)
+PARALLEL_FROM = 16          # fewer tables than this are built on the calling thread (a thread start costs more)
 COOL_SECONDS = 1.0          # an unused table is reused only after this (programs may still read it)
 SPARES_LOW, SPARES_BATCH, SPARES_MAX = 16, 64, 256   # spare tables of the default size
 
@@ -69,6 +70,31 @@ def _addr(ip: str, port: int) -> bytes:
 
 def _packed(spec: MaglevSpec) -> bytes:
     return b"".join(_addr(ip, port) for ip, port in spec.backends)
+
+
+@lru_cache(maxsize=1 << 16)
+def _preference(ip: str, port: int, size: int) -> tuple[int, int]:
+    """(offset, skip) of one backend in a table of `size` slots (maglev.preferences' formula)."""
+    h1, h2 = maglev._hashes(f"{ip}:{port}")
+    return h1 % size, h2 % (size - 1) + 1
+
+
+def _build_inputs(specs: list[MaglevSpec], jobs) -> tuple:
+    """maglev_build_many's inputs: every table's backends back to back (offsets, skips, packed
+    addresses); each job gets its table's size, backend count and first index."""
+    offsets, skips, addrs = array("Q"), array("Q"), []
+    for job, spec in zip(jobs, specs):
+        job.n, job.first, job.m = len(spec.backends), len(offsets), spec.table_size
+        for ip, port in spec.backends:
+            off, skip = _preference(ip, port, spec.table_size)
+            offsets.append(off)
+            skips.append(skip)
+        addrs.append(_packed(spec))
+    if not offsets:   # every table empty: the C side reads nothing, but wants valid pointers
+        offsets.append(0)
+        skips.append(1)
+    return ((ct.c_uint64 * len(offsets)).from_buffer(offsets), (ct.c_uint64 * len(skips)).from_buffer(skips),
+            b"".join(addrs))
 
 
 def table_bytes(spec: MaglevSpec) -> bytes:
@@ -134,20 +160,51 @@ class MaglevTables:
         """Points each service port at the table of its spec (key_of then says which),
         filling the missing ones: into spares where there are, else into new inner maps
         added to the outer map in one batch. Returns how many tables were filled."""
+        return self.begin(specs)()
+
+    def begin(self, specs: dict[int, MaglevSpec]):
+        """set_many in two halves, so a big sync writes its other maps while the tables are
+        built: many missing tables are built on a thread from now on (its native call releases
+        the GIL); the returned function waits for them, then points the service ports at them
+        and returns how many were filled (it raises what the build raised). Nothing else may
+        use this object until it has been called."""
         todo = {sid: spec for sid, spec in specs.items() if self.slots.get(sid) != self.shape(spec)}
         if not todo:
-            return 0
+            return lambda: 0
         self._cool()
         missing = {self.shape(s): s for s in todo.values() if self.shape(s) not in self.tables}
-        if missing:
-            self._fill_missing(missing)
+        if len(missing) < PARALLEL_FROM:
+            if missing:
+                self._fill_missing(missing)
+            return lambda: self._point(todo, len(missing))
+        failed: list[BaseException] = []
+
+        def build() -> None:
+            try:
+                self._fill_missing(missing)
+            except BaseException as exc:   # handed to the waiter
+                failed.append(exc)
+
+        thread = threading.Thread(target=build, name="maglev-build", daemon=True)
+        thread.start()
+
+        def wait() -> int:
+            thread.join()
+            if failed:
+                raise failed[0]
+            return self._point(todo, len(missing))
+        return wait
+
+    def _point(self, todo: dict[int, MaglevSpec], built: int) -> int:
+        # Every new reference first, then the old ones dropped: in one batch a service port may
+        # move onto the table another one moves off (unreferencing first would free it).
+        for spec in todo.values():
+            self.tables[self.shape(spec)].refs += 1
         for sid, spec in todo.items():
-            shape = self.shape(spec)
-            self.tables[shape].refs += 1
             self._unref(self.slots.get(sid))
-            self.slots[sid] = shape
-        self.built_total += len(missing)
-        return len(missing)
+            self.slots[sid] = self.shape(spec)
+        self.built_total += built
+        return built
 
     def remove_many(self, sids) -> int:
         """Service ports that no longer have a table: no kernel write (their service entries
@@ -209,46 +266,68 @@ class MaglevTables:
             self.spares.setdefault(table.size, []).append(table)
 
     def _fill_missing(self, missing: dict[Shape, MaglevSpec]) -> None:
-        jobs: list[tuple[MaglevSpec, int, Table | None]] = []   # (spec, open fd, the spare it is)
+        """Every missing table in one native call (maglev_build_many, on BUILD_THREADS threads
+        of its own, the GIL released): spares are refilled, the rest created there; then the
+        new ones go into the outer map in one batch."""
+        if not self.mmapable:
+            return self._fill_missing_batched(missing)
+        specs = list(missing.values())
+        jobs = (Job * len(specs))()
+        spares: list[Table | None] = []
         try:
-            for spec in missing.values():
+            for job, spec in zip(jobs, specs):
                 spare = self._take_spare(spec.table_size)
-                fd = spare_fd = None
+                job.fd = -1
                 if spare is not None:
                     try:
-                        spare_fd = sc.map_fd_by_id(spare.map_id)
+                        job.fd = sc.map_fd_by_id(spare.map_id)
                     except sc.BpfError:   # freed behind our back: forget it
                         self.keys_used.discard(spare.key)
                         spare = None
-                fd = spare_fd if spare is not None else self._create(spec.table_size)
-                jobs.append((spec, fd, spare))
-            if len(jobs) >= PARALLEL_FROM:
-                with ThreadPoolExecutor(BUILD_THREADS) as pool:
-                    list(pool.map(lambda job: self._fill(job[1], job[0]), jobs))
-            else:
-                for spec, fd, _ in jobs:
-                    self._fill(fd, spec)
-            fresh = [(spec, fd) for spec, fd, spare in jobs if spare is None]
-            keys = self._insert([fd for _, fd in fresh])
-            for (spec, fd), key in zip(fresh, keys):
-                self.tables[self.shape(spec)] = Table(key, sc.map_info(fd).id, spec.table_size)
-            for spec, _, spare in jobs:
-                if spare is not None:
-                    self.tables[self.shape(spec)] = spare
-        except sc.BpfError as exc:
-            if exc.errno == errno.EINVAL and self.mmapable:
+                spares.append(spare)
+            offsets, skips, addrs = _build_inputs(specs, jobs)
+            flags = sc.BPF_F_INNER_MAP | sc.BPF_F_MMAPABLE
+            if lib().maglev_build_many(jobs, len(specs), offsets, skips, addrs, ct.sizeof(BackendAddr), flags,
+                                       BUILD_THREADS if len(specs) >= PARALLEL_FROM else 1):
+                err = next(job.err for job in jobs if job.err)
+                for spare in spares:   # back to the pool: each is rewritten whole when next used
+                    if spare is not None:
+                        self.spares.setdefault(spare.size, []).append(spare)
+                raise sc.BpfError("building maglev tables", -err)
+            fresh = [k for k, spare in enumerate(spares) if spare is None]
+            try:
+                keys = self._insert([jobs[k].fd for k in fresh])
+            except sc.BpfError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
                 # An outer map pinned by an older generation: its inner template is not mmapable.
                 log.warning("maglev_mmap_unsupported", note="outer map predates mmapable tables: batch-filling")
                 self.mmapable = False
-                for _, fd, _ in jobs:
-                    sc.close(fd)
-                jobs = []
                 self.spares = {}   # mmapable spares cannot be filled that way either: leave them
-                return self._fill_missing(missing)
-            raise
+                return self._fill_missing_batched(missing)
+            for k, key in zip(fresh, keys):
+                self.tables[self.shape(specs[k])] = Table(key, jobs[k].map_id, specs[k].table_size)
+            for spec, spare in zip(specs, spares):
+                if spare is not None:
+                    self.tables[self.shape(spec)] = spare
         finally:
-            for _, fd, _ in jobs:
-                sc.close(fd)   # the outer map holds the references now
+            for job in jobs:
+                if job.fd >= 0:
+                    sc.close(job.fd)   # the outer map holds the references now
+
+    def _fill_missing_batched(self, missing: dict[Shape, MaglevSpec]) -> None:
+        """The fallback for an outer map whose tables cannot be mmapped: one batch update each."""
+        jobs: list[tuple[MaglevSpec, int]] = []
+        try:
+            for spec in missing.values():
+                jobs.append((spec, self._create(spec.table_size)))
+                self._fill(jobs[-1][1], spec)
+            keys = self._insert([fd for _, fd in jobs])
+            for (spec, fd), key in zip(jobs, keys):
+                self.tables[self.shape(spec)] = Table(key, sc.map_info(fd).id, spec.table_size)
+        finally:
+            for _, fd in jobs:
+                sc.close(fd)
 
     def _take_spare(self, size: int) -> Table | None:
         spares = self.spares.get(size)
@@ -272,13 +351,6 @@ class MaglevTables:
         return sc.create_map(sc.BPF_MAP_TYPE_ARRAY, "maglev_table", 4, ct.sizeof(BackendAddr), size, flags)
 
     def _fill(self, fd: int, spec: MaglevSpec) -> None:
-        """Writes the whole table (every slot: a recycled table held another set)."""
-        esize = ct.sizeof(BackendAddr)
-        if self.mmapable:
-            offsets, skips = maglev.preferences([f"{ip}:{port}" for ip, port in spec.backends], spec.table_size)
-            rc = lib().maglev_fill(fd, len(spec.backends), offsets, skips, spec.table_size, _packed(spec), esize)
-            if rc:
-                raise sc.BpfError("filling a maglev table", -rc)
-        else:
-            values = (BackendAddr * spec.table_size).from_buffer_copy(table_bytes(spec))
-            sc.update_batch(fd, _slot_keys(spec.table_size), values, spec.table_size)
+        """Writes the whole table with one batch update (the non-mmapable fallback)."""
+        values = (BackendAddr * spec.table_size).from_buffer_copy(table_bytes(spec))
+        sc.update_batch(fd, _slot_keys(spec.table_size), values, spec.table_size)

@@ -12,6 +12,7 @@ live backend.
 """
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import structlog
@@ -70,21 +71,24 @@ class Reconciler:
         res = Result()
         removed_backends: list[Frozen] = []
         tables = changes.get(MAGLEV, {})
-        for name in OWNED_MAPS:
-            if name == "services":   # frontends last: their tables must be in place first
-                wanted = {sid: spec for sid, spec in tables.items() if spec is not None}
-                res.tables_built = self.tables.set_many(wanted)
-                self._point_at_tables(changes.setdefault("services", {}), wanted)
-                if wanted:
-                    res.upserts[MAGLEV] = len(wanted)
-                    log_changes("maglev", "maglev_table_set", list(wanted.items()),
-                                lambda item: {"service_id": item[0], "table_size": item[1].table_size,
-                                              "backends": len(item[1].backends)})
-            ups = {k: v for k, v in changes.get(name, {}).items() if v is not None}
-            if ups:
-                done = self.caches[name].upsert(ups)
-                if done.upserts:
-                    res.upserts[name] = len(done.upserts)
+        wanted = {sid: spec for sid, spec in tables.items() if spec is not None}
+        # Many tables are built on native threads while the maps before "services" are written.
+        built = self.tables.begin(wanted)
+        try:
+            self._write_before_services(changes, res)
+        except BaseException:
+            with suppress(Exception):   # the first failure is the one to report
+                built()   # joined: nothing touches the pool while its build runs
+            raise
+        # frontends last: their tables must be in place first
+        res.tables_built = built()
+        self._point_at_tables(changes.setdefault("services", {}), wanted)
+        if wanted:
+            res.upserts[MAGLEV] = len(wanted)
+            log_changes("maglev", "maglev_table_set", list(wanted.items()),
+                        lambda item: {"service_id": item[0], "table_size": item[1].table_size,
+                                      "backends": len(item[1].backends)})
+        self._upsert("services", changes, res)
         for name in reversed(OWNED_MAPS):
             if name == "backends":   # tables no service points at any more, then their backends
                 gone = sorted(sid for sid, spec in tables.items() if spec is None)
@@ -103,6 +107,18 @@ class Reconciler:
         self.tables.refill()   # after the writes: no change waits for the outer map's RCU
         self._drop_unadopted()   # after the first pass: deleted by the next refill, once the
         return res               # new programs (which read service_info.table) are attached
+
+    def _write_before_services(self, changes: Changes, res: Result) -> None:
+        assert OWNED_MAPS[-1] == "services"
+        for name in OWNED_MAPS[:-1]:
+            self._upsert(name, changes, res)
+
+    def _upsert(self, name: str, changes: Changes, res: Result) -> None:
+        ups = {k: v for k, v in changes.get(name, {}).items() if v is not None}
+        if ups:
+            done = self.caches[name].upsert(ups)
+            if done.upserts:
+                res.upserts[name] = len(done.upserts)
 
     def _point_at_tables(self, services: dict, moved: dict) -> None:
         """The desired services values name no table (the model does not choose keys): each

@@ -125,3 +125,41 @@ def test_adopt_keeps_a_live_table_after_restart(outer):
     assert key in second.keys_used                      # a new table never takes a live key
     second.set_many({3: spec("10.0.0.9")})
     assert second.key_of(3) != key
+
+
+def test_a_big_batch_is_built_on_native_threads_as_the_reference(outer, monkeypatch):
+    """maglev_build_many: 40 tables in one call (>= PARALLEL_FROM: on BUILD_THREADS threads,
+    in the background while the caller goes on), some into cooled spares, one of them empty;
+    every table's slots equal the pure-Python reference's."""
+    import random
+    monkeypatch.setattr(maglev_tables, "COOL_SECONDS", 0.0)
+    assert maglev_tables.BUILD_THREADS > 1 and 40 >= maglev_tables.PARALLEL_FROM
+    rng = random.Random(5)
+    pool = [f"10.0.{i // 200}.{i % 200 + 1}" for i in range(300)]
+    t = MaglevTables(outer)
+    t.set_many({100 + i: spec(*rng.sample(pool, 3)) for i in range(5)})
+    t.remove_many(range(100, 105))                      # five spares to fill next
+    sets = {i: sorted(rng.sample(pool, rng.randint(1, 12))) for i in range(1, 40)}
+    sets[40] = []
+    wait = t.begin({sid: spec(*ips) for sid, ips in sets.items()})
+    assert wait() == 40
+    assert len({t.key_of(sid) for sid in sets}) == 40
+    for sid, ips in sets.items():
+        want = [ips[i] for i in maglev.table([f"{ip}:80" for ip in ips], SIZE)] if ips else ["0.0.0.0"] * SIZE
+        assert content(outer, t.key_of(sid)) == want, sid
+
+
+def test_a_failed_batch_raises_and_leaves_no_table_behind(outer, monkeypatch):
+    """A build the native side refuses (here: more backends than slots) raises from the
+    waiter, and is not taken for an old outer map (no batch-fill fallback); no service port
+    points at a table of that batch."""
+    monkeypatch.setattr(maglev_tables, "COOL_SECONDS", 0.0)
+    t = MaglevTables(outer)
+    t.set_many({99: spec("10.0.0.9")})
+    t.remove_many([99])                                 # a spare, taken by the failing batch
+    bad = maglev_spec([(f"10.0.0.{i}", 80) for i in range(1, 6)], lambda n: 3)   # 5 backends, 3 slots
+    with pytest.raises(sc.BpfError, match="building maglev tables"):
+        t.begin({i: bad for i in range(1, 20)} | {20: spec("10.0.0.2")})()
+    assert t.slots == {} and t.tables == {} and t.mmapable
+    t._cool()
+    assert len(t.spares[SIZE]) == 1                     # handed back to the pool

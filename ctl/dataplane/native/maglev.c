@@ -3,12 +3,16 @@
  * speed: 10 000 distinct tables of 16381 slots are ~160 million slot claims, which take
  * minutes in CPython and about a second here. Host code, built by `make build` into
  * _maglev.so next to this file and loaded with ctypes (which releases the GIL while it runs,
- * so tables can be built on every core). */
+ * so tables can be built on every core); maglev_build_many builds a whole sync's tables in one
+ * call on its own threads. */
 #include <errno.h>
+#include <linux/bpf.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /* Below this many free slots, a backend's next free slot is found from the free list by
@@ -163,4 +167,103 @@ int maglev_fill(int map_fd, uint32_t n, const uint64_t *offset, const uint64_t *
 	munmap(dst, len);
 	free(idx);
 	return 0;
+}
+
+/* ------------------------------------------------------------------ many tables in one call
+ *
+ * A big sync (10 000 services, each its own backend set) builds thousands of tables. One call
+ * creates the inner maps that are missing, populates and fills every table through mmap, on
+ * `threads` threads of its own: no Python (and no GIL) between two tables, and the kernel's
+ * map creation runs on every core too. Mirrored by ctl/dataplane/native/__init__.py Job. */
+struct maglev_job {
+	int32_t fd;       /* in: the inner map to fill, or -1: create one (out: its fd) */
+	uint32_t n;       /* backends (0: every slot zeroed) */
+	uint32_t first;   /* index of its first backend in offset[], skip[] and addrs */
+	uint32_t m;       /* slots (prime) */
+	uint32_t map_id;  /* out: the id of a map created here */
+	int32_t err;      /* out: 0, or -errno of the step that failed */
+};
+
+struct build_ctx {
+	struct maglev_job *jobs;
+	uint32_t count, esize, create_flags;
+	const uint64_t *offset, *skip;
+	const uint8_t *addrs;
+	uint32_t next;   /* the next job to take (atomic) */
+};
+
+static int create_table(uint32_t m, uint32_t esize, uint32_t flags, uint32_t *id)
+{
+	union bpf_attr attr;
+	struct bpf_map_info info;
+	int fd;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_ARRAY;
+	attr.key_size = 4;
+	attr.value_size = esize;
+	attr.max_entries = m;
+	attr.map_flags = flags;
+	memcpy(attr.map_name, "maglev_table", sizeof("maglev_table"));
+	fd = (int)syscall(__NR_bpf, BPF_MAP_CREATE, &attr, sizeof(attr));
+	if (fd < 0)
+		return -errno;
+	memset(&info, 0, sizeof(info));
+	memset(&attr, 0, sizeof(attr));
+	attr.info.bpf_fd = (uint32_t)fd;
+	attr.info.info_len = sizeof(info);
+	attr.info.info = (uint64_t)(uintptr_t)&info;
+	if (syscall(__NR_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr)) < 0) {
+		int rc = -errno;
+
+		close(fd);
+		return rc;
+	}
+	*id = info.id;
+	return fd;
+}
+
+static void *build_worker(void *arg)
+{
+	struct build_ctx *ctx = arg;
+	uint32_t j;
+
+	while ((j = __atomic_fetch_add(&ctx->next, 1, __ATOMIC_RELAXED)) < ctx->count) {
+		struct maglev_job *job = &ctx->jobs[j];
+
+		if (job->fd < 0) {
+			int fd = create_table(job->m, ctx->esize, ctx->create_flags, &job->map_id);
+
+			if (fd < 0) {
+				job->err = fd;
+				continue;
+			}
+			job->fd = fd;
+		}
+		job->err = maglev_fill(job->fd, job->n, ctx->offset + job->first, ctx->skip + job->first, job->m,
+				       ctx->addrs + (size_t)job->first * ctx->esize, ctx->esize);
+	}
+	return NULL;
+}
+
+/* Runs every job (on `threads` threads, this one included); returns how many failed (each
+ * job's err says why; its fd, when created, is returned even so: the caller closes it). */
+int maglev_build_many(struct maglev_job *jobs, uint32_t count, const uint64_t *offset, const uint64_t *skip,
+		      const uint8_t *addrs, uint32_t esize, uint32_t create_flags, uint32_t threads)
+{
+	struct build_ctx ctx = { jobs, count, esize, create_flags, offset, skip, addrs, 0 };
+	pthread_t tid[16];
+	uint32_t started = 0, t, failed = 0;
+
+	if (threads > 16)
+		threads = 16;
+	for (t = 1; t < threads && t < count; t++)
+		if (pthread_create(&tid[started], NULL, build_worker, &ctx) == 0)
+			started++;
+	build_worker(&ctx);   /* this thread works too; with no extra thread, it does them all */
+	for (t = 0; t < started; t++)
+		pthread_join(tid[t], NULL);
+	for (t = 0; t < count; t++)
+		failed += jobs[t].err != 0;
+	return (int)failed;
 }
