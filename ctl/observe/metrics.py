@@ -4,6 +4,7 @@ current values and the daemon keeps no copies of them."""
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 from typing import Callable
 
@@ -121,11 +122,24 @@ def _serve(port: int, host: str, scrape: Callable[[], bytes]):
         return [body]
 
     class Server(ThreadingWSGIServer):
-        pass
+        def shutdown(self):
+            """serve_forever runs without a poll interval (it sleeps until a connection comes),
+            so the stop request is followed by connections to ourselves until it is seen."""
+            stopper = threading.Thread(target=super().shutdown, daemon=True)
+            stopper.start()
+            while stopper.is_alive():
+                try:
+                    socket.create_connection(self.server_address[:2], timeout=1).close()
+                except OSError:
+                    pass
+                stopper.join(0.05)
 
     Server.address_family, addr = _get_best_family(host, port)
     httpd = make_server(addr, port, app, Server, handler_class=_SilentHandler)
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    # No poll interval: it only serves shutdown(), which wakes the loop itself (Server above),
+    # so the thread sleeps until a scrape arrives instead of waking twice a second.
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": None}, name="metrics",
+                     daemon=True).start()
     return httpd
 
 
