@@ -68,7 +68,10 @@ DRIFT_SECONDS = 300.0
 # Kept for the benchmark harness: the longest the daemon sleeps between two looks at the
 # world when nothing happens (the store watch and netlink wake it otherwise).
 RESYNC_SECONDS = DRIFT_SECONDS
-WATCH_TIMEOUT = 5.0
+# How long one store watch call may block before the source thread calls again. Nothing
+# waits on it (the thread is a daemon thread; a stop does not join it): long, so an idle
+# etcd watch does not reopen its stream every few seconds.
+WATCH_TIMEOUT = 300.0
 
 
 RETRY_MAX_SECONDS = 30.0
@@ -109,7 +112,10 @@ class Daemon:
         self.model = Model(node_name, debug_events=debug_events)
         self.reconciler: Reconciler | None = None
         self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own server threads
-        self.events: queue.Queue = queue.Queue()     # (kind, payload) from the source threads
+        # (kind, payload) from the source threads, and ("wake", None) from the signal handlers:
+        # SimpleQueue.put is reentrant (safe from a signal handler), so a signal ends the
+        # main thread's wait at once and the wait needs no short timeout to notice it.
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.vanished: set[str] = set()   # pods whose host veth went: forgotten by their runtime? (orphans)
         self.subscribers: list[tuple[str, Callable[[str, str | None], None]]] = []
         self.revision = 0
@@ -456,10 +462,8 @@ class Daemon:
         self._start_sources()
         while not self.stopping:
             try:
-                timeout = max(0.0, self.last_drift + DRIFT_SECONDS - time.monotonic())
-                timeout = min(timeout, max(0.0, self.lease_deadline - self.renew_margin - time.monotonic()), 1.0)
-                try:
-                    first = self.events.get(timeout=timeout)
+                try:   # idle means asleep: only an event, a signal or a deadline ends this wait
+                    first = self.events.get(timeout=self.idle_timeout(time.monotonic()))
                 except queue.Empty:
                     first = None
                 if first is not None:
@@ -500,6 +504,11 @@ class Daemon:
         self.close()
         log.info("daemon_stopped", note="programs stay attached, maps stay pinned")
 
+    def idle_timeout(self, now: float) -> float:
+        """How long the main thread may sleep with nothing queued: until the next deadline
+        (the drift check, the lease renewal), never a polling period."""
+        return max(0.0, min(self.last_drift + DRIFT_SECONDS, self.lease_deadline - self.renew_margin) - now)
+
     def _pods_without_link(self) -> set[str]:
         return {p.name for p in orphans.forgotten(self.model.pods.values(), self.model.links, lambda _: False,
                                                   self.node_name)}
@@ -518,10 +527,12 @@ class Daemon:
     def _reload(self, signum, _frame):
         log.info("signal", signal="SIGHUP")
         self.reload_requested = True
+        self.events.put(("wake", None))
 
     def _stop(self, signum, _frame):
         log.info("signal", signal=signal.Signals(signum).name)
         self.stopping = True
+        self.events.put(("wake", None))
 
     def close(self) -> None:
         if getattr(self, "api", None):

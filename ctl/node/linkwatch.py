@@ -3,6 +3,7 @@ kernel's link notifications and reports (ifname, LinkInfo or None) for each chan
 starts with a dump, so nothing that appeared before the subscription is missed."""
 from __future__ import annotations
 
+import os
 import select
 import threading
 from typing import Callable
@@ -29,6 +30,7 @@ class LinkWatch:
     def __init__(self, callback: Callback):
         self.callback = callback
         self.stopping = threading.Event()
+        self._stop_r, self._stop_w = os.pipe()   # stop() wakes the select: no timeout to poll with
         self.ipr = IPRoute()
         self.ipr.bind(groups=RTMGRP_LINK)   # subscribed before the thread starts: no gap
         self.thread = threading.Thread(target=self._run, name="link-watch", daemon=True)
@@ -40,8 +42,8 @@ class LinkWatch:
         fd = self.ipr.fileno()
         try:
             while not self.stopping.is_set():
-                ready, _, _ = select.select([fd], [], [], 1.0)
-                if not ready:
+                ready, _, _ = select.select([fd, self._stop_r], [], [])
+                if fd not in ready:
                     continue
                 for msg in self.ipr.get():
                     if msg.get("event") not in ("RTM_NEWLINK", "RTM_DELLINK"):
@@ -55,5 +57,8 @@ class LinkWatch:
 
     def stop(self) -> None:
         self.stopping.set()
+        os.write(self._stop_w, b"x")
         self.thread.join(timeout=2)
         self.ipr.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)

@@ -4,6 +4,7 @@ current values and the daemon keeps no copies of them."""
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 from typing import Callable
 
@@ -76,14 +77,23 @@ def _label(value: str) -> str:
 class FrontendSeries:
     """The per-frontend counter families, rendered as exposition text without building a
     sample object per frontend (prometheus-client takes ~160 ms of CPU for 20 000 samples):
-    each frontend's label part is rendered once per change of the frontends (`version`),
-    a scrape only formats the numbers. Byte for byte what prometheus-client renders for
-    the same rows (tests/unit/test_events_metrics.py)."""
+    each frontend's label part is rendered once per change of the frontends (`version`), and
+    a scrape formats only the lines whose number changed since the last one (a numpy compare
+    finds them; an idle node's scrape formats none and joins the kept lines). Byte for byte
+    what prometheus-client renders for the same rows (tests/unit/test_events_metrics.py)."""
 
     def __init__(self):
         self.version = None
         self.sids = np.zeros(0, dtype=np.int64)
         self.labels: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        # per family: the numbers last rendered, their lines, and the family's whole text
+        self._values = [None] * len(SERVICE_FAMILIES)
+        self._lines: list[list[str]] = [[] for _ in SERVICE_FAMILIES]
+        self._text = [""] * len(SERVICE_FAMILIES)
+        self.formatted = 0   # lines formatted by the last render (tests: only what changed)
 
     def rows(self, version, frontends: dict, names) -> None:
         """frontends: services-map key -> value (frozen); names() -> {id: service name}."""
@@ -98,17 +108,28 @@ class FrontendSeries:
         self.sids = np.array([sid for sid, _ in items], dtype=np.int64)
         self.labels = [label for _, label in items]
         self.version = version
+        self._reset()
 
     def render(self, packets: np.ndarray, nbytes: np.ndarray) -> str:
-        out = []
-        for (name, help_text), totals in zip(SERVICE_FAMILIES, (packets, nbytes)):
-            out.append(f"# HELP {name}_total {help_text}\n# TYPE {name}_total counter\n")
-            padded = np.zeros(int(self.sids.max()) + 1 if len(self.sids) else 0)
-            padded[:min(len(totals), len(padded))] = totals[:len(padded)]
-            values = padded[self.sids].tolist() if len(self.sids) else []
-            prefix = name + "_total"
-            out.append("".join(f"{prefix}{label}{floatToGoString(v)}\n" for label, v in zip(self.labels, values)))
-        return "".join(out)
+        self.formatted = 0
+        size = int(self.sids.max()) + 1 if len(self.sids) else 0
+        for f, ((name, help_text), totals) in enumerate(zip(SERVICE_FAMILIES, (packets, nbytes))):
+            padded = np.zeros(size)
+            padded[:min(len(totals), size)] = totals[:size]
+            values = padded[self.sids] if len(self.sids) else padded[:0]
+            old, lines, prefix = self._values[f], self._lines[f], name + "_total"
+            if old is None:
+                changed = range(len(values))
+                lines[:] = [""] * len(values)
+            else:
+                changed = np.flatnonzero(values != old).tolist()
+            if old is None or changed:
+                for i in changed:
+                    lines[i] = f"{prefix}{self.labels[i]}{floatToGoString(float(values[i]))}\n"
+                self._text[f] = (f"# HELP {prefix} {help_text}\n# TYPE {prefix} counter\n" + "".join(lines))
+                self.formatted += len(changed)
+            self._values[f] = values
+        return "".join(self._text)
 
 def _serve(port: int, host: str, scrape: Callable[[], bytes]):
     """prometheus-client's start_http_server, with our body (Metrics.scrape)."""
@@ -121,11 +142,24 @@ def _serve(port: int, host: str, scrape: Callable[[], bytes]):
         return [body]
 
     class Server(ThreadingWSGIServer):
-        pass
+        def shutdown(self):
+            """serve_forever runs without a poll interval (it sleeps until a connection comes),
+            so the stop request is followed by connections to ourselves until it is seen."""
+            stopper = threading.Thread(target=super().shutdown, daemon=True)
+            stopper.start()
+            while stopper.is_alive():
+                try:
+                    socket.create_connection(self.server_address[:2], timeout=1).close()
+                except OSError:
+                    pass
+                stopper.join(0.05)
 
     Server.address_family, addr = _get_best_family(host, port)
     httpd = make_server(addr, port, app, Server, handler_class=_SilentHandler)
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    # No poll interval: it only serves shutdown(), which wakes the loop itself (Server above),
+    # so the thread sleeps until a scrape arrives instead of waking twice a second.
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": None}, name="metrics",
+                     daemon=True).start()
     return httpd
 
 

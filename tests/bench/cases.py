@@ -581,7 +581,8 @@ class Bench:
             for key, value in (("follow", c["follow"]), ("change p50", c["change_p50"]),
                                ("change p99", c["change_p99"]), ("rss", c["rss_end_mib"]), ("idle", c["idle"] * 100)):
                 s[key].samples.append(Sample(value))
-        label = f"{nodes} simulated nodes, {pods:,} pods".replace(",", " ")
+        # the thousands separator only in the number (replacing every "," ate the label's own)
+        label = f"{nodes} simulated nodes + {f'{pods:,}'.replace(',', ' ')} pods"
         self.rows += [
             Row(f"control plane: {label} in one etcd", "first write → every tunnel and service programmed", "s",
                 s["follow"].renamed("atomnet"), None, [], better="lower",

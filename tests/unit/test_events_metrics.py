@@ -83,3 +83,29 @@ def test_pre_rendered_frontend_series_equal_what_prometheus_client_renders():
     parsed = {s.labels["frontend"]: s.value for f in text_string_to_metric_families(m2.scrape(c2).decode())
               for s in f.samples if s.name == "atomnet_service_packets_total"}
     assert parsed == {"10.96.0.10:80/tcp": 9, "10.96.0.11:53/udp": 3, "192.168.0.1:8080/tcp": 0}
+
+
+def test_a_scrape_formats_only_the_frontend_lines_whose_number_changed():
+    """Issue 15's scrape at 10 000 services: an idle node's scrape formats no line; a changed
+    counter re-formats its own line only; the text equals a fresh render of the same numbers."""
+    import numpy as np
+    from ctl.dataplane.desired import freeze
+    from ctl.observe.metrics import FrontendSeries
+    frontends = {freeze({"vip": f"10.96.0.{i}", "port": 80, "proto": 6}): freeze({"id": i}) for i in range(1, 200)}
+    names = {i: f"s{i}" for i in range(1, 200)}
+    packets, nbytes = np.arange(200, dtype=float), np.arange(200, dtype=float) * 100
+    series = FrontendSeries()
+    series.rows(1, frontends, lambda: names)
+    first = series.render(packets, nbytes)
+    assert series.formatted == 2 * 199
+    assert series.render(packets.copy(), nbytes.copy()) == first and series.formatted == 0
+    packets[7] += 1
+    nbytes[7] += 60
+    nbytes[150] += 1
+    text = series.render(packets, nbytes)
+    assert series.formatted == 3
+    fresh = FrontendSeries()
+    fresh.rows(1, frontends, lambda: names)
+    assert text == fresh.render(packets, nbytes) != first
+    series.rows(2, dict(list(frontends.items())[:10]), lambda: names)   # the frontends changed: all again
+    assert series.render(packets, nbytes).count("\n") == 2 * (2 + 10) and series.formatted == 20

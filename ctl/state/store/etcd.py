@@ -221,6 +221,22 @@ def _server_said(exc: StoreError, *needles: str) -> bool:
 # --- the store --------------------------------------------------------------
 
 
+# A watch stream may stay open for minutes with nothing on it; the kernel's TCP keepalive
+# probes find a peer that went away without closing (a partition, a host that died) in
+# IDLE + INTERVAL * COUNT seconds, without any wake-up of ours while it is alive.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+
+
+def _keepalive(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except (OSError, AttributeError):
+        pass   # not a TCP socket on Linux: the watch's own timeout still ends it
+
+
 class EtcdStore(Store):
     """The Store contract on an etcd v3 cluster; see the module docstring."""
 
@@ -401,6 +417,7 @@ class EtcdStore(Store):
                 failures.append((i, _socket_reason(e, self.connect_timeout)))
                 continue
             sock = conn.sock
+            _keepalive(sock)
             try:
                 sock.settimeout(self.request_timeout)
                 conn.request("POST", path, body=json.dumps({"create_request": body}),

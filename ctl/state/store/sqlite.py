@@ -10,8 +10,13 @@ CLI commands and the daemon open the same file at the same time, so:
   the same reason, and is swept lazily by whichever process touches the store
   next: there is no background thread that could die with its process.
 
-Watches poll the events table; that is cheap (an indexed range read) and
-needs no cross-process signalling.
+Watches block on inotify (ctl/state/store/notify.py): every commit that bumps the
+revision is followed by a one-byte write to ``<db>-notify``, after it is published, and
+that write wakes every watch on the host. An idle watch does not wake at all, except at
+the earliest lease expiry (the sweep that deletes that lease's keys is a deadline) and
+at a long safety-net interval. A woken watch first compares the store revision with the
+one it waits for (one page read) and reads the events table through its revision index
+only when there is something new.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from .base import KV, Compacted, Event, Store, StoreError, split_batch
 
 HISTORY = 100_000  # events kept for watch; older ones are pruned (-> Compacted)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's write lock
-POLL_INTERVAL = 0.05  # seconds between watch polls
-NOTIFIED_POLL_INTERVAL = 0.5  # with inotify waking the watch at each write, polling is only a safety net
-UNPUBLISHED_RECHECK = 0.001  # first re-look after a wake-up that found no new row (doubling)
+POLL_INTERVAL = 0.05  # seconds between watch polls where inotify is not available
+# With inotify every commit wakes the watch (the -notify write follows it); a look at this
+# interval only covers a writer killed between its commit and that write, or an older
+# atomnet writing the same file. Not a poll loop: one page read every 30 s.
+NOTIFIED_POLL_INTERVAL = 30.0
+NOTIFY_SUFFIX = "-notify"
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -141,7 +149,11 @@ class SqliteStore(Store):
         # One connection shared by the threads of this process (a watch thread and
         # its owner, say); the lock keeps their transactions from interleaving.
         self._lock = threading.RLock()
+        self._bumped = False
+        self.watch_reads = 0   # events-table reads by watch() (tests: an idle watch reads none)
+        self._notify = None   # the watch side (DirNotifier), made by the first watch()
         self._db: sqlite3.Connection | None = self._open(busy_timeout)
+        self._notify_fd = self._open_notify()
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.url!r})"
@@ -185,6 +197,25 @@ class SqliteStore(Store):
             raise self._fail_open(str(e)) from e
         return db
 
+    def _open_notify(self) -> int:
+        """The sidecar whose write after each commit wakes the watches (-1: cannot, and then
+        watches see the commit at their safety-net look or the next commit's wake-up)."""
+        path = self.path + NOTIFY_SUFFIX
+        try:
+            _create_private("", path)
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def _announce(self) -> None:
+        """After a commit that bumped the revision: one byte written, one IN_MODIFY for every
+        watching process. Published first, announced second: a watch woken here sees it."""
+        if self._notify_fd >= 0:
+            try:
+                os.pwrite(self._notify_fd, b"\0", 0)
+            except OSError:
+                pass   # a full disk: the commit is in, the watches see it at their safety-net look
+
     @staticmethod
     def _enable_wal(db: sqlite3.Connection, deadline: float) -> str:
         """Switch to WAL, retrying while other processes hold the file.
@@ -211,10 +242,13 @@ class SqliteStore(Store):
             db = self._db
             if db is None:
                 raise StoreError(f"sqlite store {self.path} is closed")
+            self._bumped = False
             try:
                 db.execute(begin)
                 yield db
                 db.execute("COMMIT")
+                if self._bumped:
+                    self._announce()
             except BaseException as e:
                 if db.in_transaction:
                     try:
@@ -254,8 +288,8 @@ class SqliteStore(Store):
     def _current(db: sqlite3.Connection) -> int:
         return db.execute("SELECT revision FROM meta").fetchone()[0]
 
-    @staticmethod
-    def _bump(db: sqlite3.Connection) -> int:
+    def _bump(self, db: sqlite3.Connection) -> int:
+        self._bumped = True   # the commit is announced to watches (_announce)
         return db.execute("UPDATE meta SET revision = revision + 1 RETURNING revision").fetchall()[0][0]
 
     def _log(self, db: sqlite3.Connection, rev: int, changes: Iterable[tuple[str, str, str | None]]) -> None:
@@ -372,43 +406,38 @@ class SqliteStore(Store):
     def watch(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
         where, args = _prefix_clause(prefix)
         deadline = time.monotonic() + timeout
-        woke = True   # an earlier call may have drained the wake-up of a write not yet published
-        recheck: float | None = UNPUBLISHED_RECHECK
+        # Before the first look: a commit announced between that look and the wait is then
+        # already queued on the inotify descriptor, not lost.
+        notifier = self._notifier()
+        start = start_revision
         while True:
             with self._read() as db:
-                compacted = db.execute("SELECT compacted FROM meta").fetchone()[0]
-                if start_revision < compacted:
+                revision, compacted = db.execute("SELECT revision, compacted FROM meta").fetchone()
+                if start < compacted:
                     raise Compacted(
                         f"sqlite store {self.path}: history before revision {compacted} is compacted, "
                         f"cannot watch from {start_revision}; list again"
                     )
-                rows = db.execute(
-                    f"SELECT type, key, value, rev FROM events WHERE rev >= ? AND {where} ORDER BY seq",
-                    (start_revision, *args),
-                ).fetchall()
+                rows = []
+                if revision >= start:   # something new: read it through the revision index
+                    self.watch_reads += 1
+                    rows = db.execute(
+                        f"SELECT type, key, value, rev FROM events INDEXED BY events_rev "
+                        f"WHERE rev >= ? AND {where} ORDER BY rev, seq",
+                        (start, *args),
+                    ).fetchall()
+                    start = revision + 1   # what did not match the prefix is not read twice
+                next_expiry = db.execute("SELECT min(expires_at) FROM leases").fetchone()[0]
             if rows:
                 return [Event(*row) for row in rows]
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
-            # Wait outside the lock so this process's other threads can write meanwhile; a
-            # write by any process wakes it at once (ctl/state/store/notify.py).
-            # A wake-up whose write we did not see yet (the WAL is written before the commit is
-            # published through the -shm mapping, which inotify does not report) is looked at
-            # again soon, not after the long safety-net interval: after 1 ms, then 2, 4 ... 32 ms
-            # (the commit is normally published within a millisecond of its WAL write; a fixed
-            # 50 ms was most of the store write -> maps updated latency), then the safety net.
-            notifier = self._notifier()
-            if woke:   # a new wake-up: the short re-look sequence starts again
-                recheck = UNPUBLISHED_RECHECK
-            if notifier.fd < 0:
-                wait = POLL_INTERVAL
-            elif recheck is not None:
-                wait = recheck
-                recheck = recheck * 2 if recheck * 2 <= POLL_INTERVAL else None
-            else:
-                wait = NOTIFIED_POLL_INTERVAL
-            woke = notifier.wait(min(wait, left))
+            # Wait outside the lock so this process's other threads can write meanwhile.
+            wait = POLL_INTERVAL if notifier.fd < 0 else NOTIFIED_POLL_INTERVAL
+            if next_expiry is not None:   # a lease's keys go at its expiry: a deadline, looked at then
+                wait = min(wait, max(0.0, next_expiry - time.time()) + 0.01)
+            notifier.wait(min(wait, left))
 
     def compact(self, revision: int) -> None:
         with self._write() as db:
@@ -447,15 +476,19 @@ class SqliteStore(Store):
         return left if left > 0 else None
 
     def _notifier(self):
-        if getattr(self, "_notify", None) is None:
+        if self._notify is None:
             from .notify import DirNotifier
-            self._notify = DirNotifier(os.path.dirname(os.path.abspath(self.path)) or ".")
+            path = os.path.abspath(self.path)
+            self._notify = DirNotifier(os.path.dirname(path) or ".", os.path.basename(path))
         return self._notify
 
     def close(self) -> None:
-        if getattr(self, "_notify", None) is not None:
+        if self._notify is not None:
             self._notify.close()
             self._notify = None
+        if self._notify_fd >= 0:
+            os.close(self._notify_fd)
+            self._notify_fd = -1
         with self._lock:
             if self._db is not None:
                 self._db.close()
