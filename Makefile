@@ -67,7 +67,7 @@ $(OBJDIR)/%.o: $(BPF_DIR)/%.c $(BPF_HDRS)
 	$(CLANG) $(BPF_CFLAGS) $(BPF_CFLAGS_$*) $(EXTRA_BPF_CFLAGS) -c $< -o $@
 
 test: build
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/prog tests/e2e tests/bench/test_smoke.py
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/unit tests/prog tests/e2e tests/bench/test_smoke.py
 
 test-unit: build
 	$(PY) -m pytest -q tests/unit

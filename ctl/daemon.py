@@ -65,6 +65,7 @@ BATCH_WINDOW = 0.0
 BATCH_MAX = 0.05
 # The rare full comparison (model against from scratch, caches against the kernel).
 DRIFT_SECONDS = 300.0
+REPAIR_RETRY_FIRST = 1.0   # after a failed pass the repair comes this soon, then 2, 4 ... DRIFT_SECONDS
 # Kept for the benchmark harness: the longest the daemon sleeps between two looks at the
 # world when nothing happens (the store watch and netlink wake it otherwise).
 RESYNC_SECONDS = DRIFT_SECONDS
@@ -85,6 +86,33 @@ def _trim_heap() -> None:
     except (OSError, AttributeError):
         pass
 
+
+
+class Refreshed:
+    """Keys the node API's refresh applied ahead of the watch, with the revision applied: the
+    watch's later copy of that state (or of an older one) is skipped, not applied a second time
+    over a newer state (a pod added then deleted through the API would otherwise be re-added by
+    the watch's late put, then deleted again)."""
+
+    def __init__(self):
+        self.applied: dict[str, tuple[int, str]] = {}
+
+    def record(self, events) -> None:
+        self.applied.update((ev.key, (ev.revision, ev.type)) for ev in events)
+
+    def stale(self, ev) -> bool:
+        seen = self.applied.get(ev.key)
+        if seen is None:
+            return False
+        revision, kind = seen
+        # Forgotten once the watch is past it or delivers its own copy: a put was recorded at
+        # its exact revision, a delete at the store revision read before the get.
+        if (ev.revision >= revision) if kind == "put" else (ev.revision > revision or ev.type == "delete"):
+            del self.applied[ev.key]
+        return ev.revision <= revision
+
+    def clear(self) -> None:
+        self.applied.clear()
 
 class Daemon:
     def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
@@ -120,6 +148,8 @@ class Daemon:
         self.subscribers: list[tuple[str, Callable[[str, str | None], None]]] = []
         self.revision = 0
         self.last_drift = time.monotonic()
+        self.repair_retry = REPAIR_RETRY_FIRST
+        self.refreshed = Refreshed()
         self.subscribe(PODS_PREFIX, self._on_pod)
         self.subscribe(SERVICES_PREFIX, self._on_service)
         self.subscribe(FORWARDS_PREFIX, self._on_forward)
@@ -404,6 +434,8 @@ class Daemon:
         kind, payload = item
         if kind == "store":
             for ev in payload:
+                if self.refreshed.stale(ev):
+                    continue
                 self._dispatch(ev.key, ev.value if ev.type == "put" else None)
             # Names now, not after the batch window and the reconcile: the index already has
             # the change (dispatch), the fast path's map gets it here.
@@ -418,9 +450,15 @@ class Daemon:
         elif kind == "refresh":   # keys the node API wrote: their current values, as if watched, synced now
             keys, done = payload
             try:
+                # Read before the keys: whatever the watch will deliver for them at or below it
+                # is already in what these gets return (without this, a pod added then deleted
+                # would be re-added by the watch's late copy of the put, then deleted again).
+                before = self.store.revision()
                 kvs = [(key, self.store.get(key)) for key in keys]
-                self._take(("store", [Event("put", k, kv.value, kv.mod_revision) if kv else Event("delete", k, None, 0)
-                                      for k, kv in kvs]))
+                events = [Event("put", k, kv.value, kv.mod_revision) if kv else Event("delete", k, None, before)
+                          for k, kv in kvs]
+                self._take(("store", events))
+                self.refreshed.record(events)
                 self.reconcile()
             finally:
                 done.set()   # the request is answered once its pod is programmed
@@ -432,6 +470,7 @@ class Daemon:
 
     def _relist(self) -> None:
         """After a compaction: the current content replaces the model's inputs."""
+        self.refreshed.clear()   # everything is listed again
         self.model = Model(self.node_name, debug_events=self.debug_events)
         self.model.set_node(overlay=self.overlay, node_ip=self.node.public_ip, **self._netdevs())
         self.model.set_links(netplumb.link_table())
@@ -479,6 +518,7 @@ class Daemon:
                 if time.monotonic() - self.last_drift >= DRIFT_SECONDS:
                     self.last_drift = time.monotonic()
                     self.drift_check()
+                    self.repair_retry = REPAIR_RETRY_FIRST   # repaired: the next failure retries soon again
                     self.vanished |= self._pods_without_link()   # a netns that died after its veth did
                 if self.vanished:
                     self.release_forgotten()
@@ -495,14 +535,23 @@ class Daemon:
                 # A pass that failed half way (the kernel refused a write) has drained the
                 # model's pending changes: the drift check, due in a second, re-reads the
                 # kernel and writes whatever differs from a from-scratch computation.
-                log.error("reconcile_failed", error=str(exc))
-                self.last_drift = min(self.last_drift, time.monotonic() - DRIFT_SECONDS + 1.0)
+                # A kernel that keeps refusing (a map too small for the store) must not turn
+                # this into a busy loop of full repairs: each failure in a row doubles the wait.
+                log.error("reconcile_failed", error=str(exc), retry_in=self.repair_soon(time.monotonic()))
                 time.sleep(1)
             except Exception as exc:  # a bug or a surprise from the kernel: log it, keep serving
                 log.exception("reconcile_crashed", error=f"{type(exc).__name__}: {exc}")
                 time.sleep(1)
         self.close()
         log.info("daemon_stopped", note="programs stay attached, maps stay pinned")
+
+    def repair_soon(self, now: float) -> float:
+        """After a failed pass: the drift check (the repair) comes in repair_retry seconds, a
+        wait that doubles with each failure in a row up to DRIFT_SECONDS. Returns the wait."""
+        wait = self.repair_retry
+        self.last_drift = min(self.last_drift, now - DRIFT_SECONDS + wait)
+        self.repair_retry = min(wait * 2, DRIFT_SECONDS)
+        return wait
 
     def idle_timeout(self, now: float) -> float:
         """How long the main thread may sleep with nothing queued: until the next deadline

@@ -49,14 +49,15 @@ def put_chunked(m: Map, items: list) -> None:
                 time.sleep(0.001 * 2 ** attempt)   # backoff for a kernel resource
 
 
-def log_changes(name: str, event: str, items, describe) -> None:
+def log_changes(name: str, event: str, items, describe, level: str = "info") -> None:
     """One event per item (describe(item) -> its fields) up to LOG_EACH_LIMIT, then one
     summary: only the logged items are described (a dict per entry of 100 000 is not free)."""
     items = items if isinstance(items, (list, tuple)) else list(items)
+    emit = getattr(log, level)
     for item in items[:LOG_EACH_LIMIT]:
-        log.info(event, map=name, **describe(item))
+        emit(event, map=name, **describe(item))
     if len(items) > LOG_EACH_LIMIT:
-        log.info(event + "_more", map=name, count=len(items) - LOG_EACH_LIMIT)
+        emit(event + "_more", map=name, count=len(items) - LOG_EACH_LIMIT)
 
 
 @dataclass
@@ -124,10 +125,8 @@ class MapCache:
             put_chunked(m, list(wrong.items()))
         for k in extra:
             self.map.delete(self.map.key_cls.from_dict(dict(k)))
-        for k, v in wrong.items():
-            log.warning("drift_repaired", map=self.name, key=dict(k), kernel=dict(live[k]) if live.get(k) else None,
-                        value=dict(v) if v else None)
-        for k in extra:
-            log.warning("drift_repaired", map=self.name, key=dict(k), kernel=dict(live[k]) if live[k] else {},
-                        value=None)
+        # bounded like every change log: a map the kernel refuses wholesale repairs every entry
+        log_changes(self.name, "drift_repaired", list(wrong.items()) + [(k, None) for k in extra],
+                    lambda kv: {"key": dict(kv[0]), "kernel": dict(live[kv[0]]) if live.get(kv[0]) else None,
+                                "value": dict(kv[1]) if kv[1] else None}, level="warning")
         return len(wrong) + len(extra)

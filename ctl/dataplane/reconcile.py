@@ -165,8 +165,8 @@ class Reconciler:
             diff.update({k: None for k in cache if k not in want})
             if diff:
                 changes[name] = diff
-                for k in diff:
-                    log.warning("drift_repaired", map=name, key=dict(k), source="desired")
+                log_changes(name, "drift_repaired", list(diff), lambda k: {"key": dict(k), "source": "desired"},
+                            level="warning")
         tables = {sid: spec for sid, spec in desired.maglev.items()
                   if self.tables.slots.get(sid) != MaglevTables.shape(spec)}
         tables.update({sid: None for sid in self.tables.slots if sid not in desired.maglev})
