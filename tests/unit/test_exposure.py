@@ -36,7 +36,7 @@ def test_sqlite_store_is_private_whatever_the_umask(tmp_path, umask):
         with open_store(f"sqlite://{path}") as s:
             s.put("/x", "1")
             files = [p for p in path.parent.iterdir()]
-            assert {p.name for p in files} >= {"state.db", "state.db-wal"}
+            assert {p.name for p in files} >= {"state.db", "state.db-wal", "state.db-notify"}
             for p in files:
                 assert p.stat().st_mode & 0o777 == 0o600, p
         assert path.parent.stat().st_mode & 0o777 == 0o700
