@@ -3,20 +3,18 @@ ones (tables built inline) and big ones (>= PARALLEL_FROM missing tables: built 
 threads while the other maps are written), applied incrementally; after every batch the
 kernel holds what a from-scratch computation of the same inputs says, and every service's
 Maglev table is the pure-Python reference table of its backends."""
-import ctypes as ct
 import random
 
 import pytest
 
 from ctl.dataplane import maglev, maglev_tables
-from ctl.dataplane.bpf import syscalls as sc
 from ctl.dataplane.bpf.loader import Loader, close_loaded
-from ctl.dataplane.bpf.types import BackendAddr, U32
 from ctl.dataplane.desired import Model, Overlay, compute, freeze
 from ctl.dataplane.reconcile import Reconciler, without_table
 from ctl.node.netplumb import LinkInfo
 from ctl.state.model import BackendRef, ClusterConfig, Pod, Service, ServicePort, host_ifname
 from tests.conftest import require_root
+from tests.prog.test_maglev_tables import content as table_content
 
 SIZE = 251   # small tables: the reconciler's bookkeeping is under test, not table size
 OVERLAY = Overlay(ifindex=3, vni=1, vtep_mac="02:00:00:00:01:01", subnet="10.244.1.0/24")
@@ -38,21 +36,6 @@ def maps(tmp_path):
 def service(i: int, pods: list[str]) -> Service:
     return Service(name=f"s{i}", vip=f"10.96.1.{i + 1}", ports=(ServicePort(80, 8080, id=i + 1),),
                    backends=tuple(BackendRef(p) for p in pods))
-
-
-def table_ips(outer_fd: int, key: int) -> list[str]:
-    inner = ct.c_uint32()
-    assert sc.lookup(outer_fd, U32(value=key), inner)
-    fd = sc.map_fd_by_id(inner.value)
-    try:
-        out = []
-        for k in range(SIZE):
-            v = BackendAddr()
-            sc.lookup(fd, U32(value=k), v)
-            out.append(v.to_dict()["ip"])
-        return out
-    finally:
-        sc.close(fd)
 
 
 def test_random_batches_leave_the_kernel_as_a_from_scratch_computation(maps, monkeypatch):
@@ -94,5 +77,5 @@ def test_random_batches_leave_the_kernel_as_a_from_scratch_computation(maps, mon
             ips = [ip for ip, _ in spec.backends]
             ref = [ips[s] for s in maglev.table([f"{ip}:{port}" for ip, port in spec.backends], SIZE)] \
                 if ips else ["0.0.0.0"] * SIZE
-            assert table_ips(maps["maglev"].fd, v["table"]) == ref, (step, v["id"])
+            assert table_content(maps["maglev"], v["table"]) == ref, (step, v["id"])
     assert big >= 4
