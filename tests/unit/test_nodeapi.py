@@ -141,16 +141,7 @@ def test_no_daemon_is_unavailable_and_a_vanished_one_is_a_clear_error(tmp_path):
         nodeapi.call(str(stale), "pod.del", "s", "n1", {"name": "a"})
     # a daemon that takes the request and dies before answering
     gone = tmp_path / "gone.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(gone))
-    listener.listen(1)
-
-    def take_and_die():
-        conn, _ = listener.accept()
-        conn.recv(65536)
-        conn.close()
-    t = threading.Thread(target=take_and_die)
-    t.start()
+    t, listener = one_request_daemon(gone, answer=None)
     with pytest.raises(AtomnetError, match="went away during pod.add") as exc:
         nodeapi.call(str(gone), "pod.add", "s", "n1", {"name": "a"})
     assert "\n" not in str(exc.value)
@@ -158,19 +149,26 @@ def test_no_daemon_is_unavailable_and_a_vanished_one_is_a_clear_error(tmp_path):
     listener.close()
 
 
-def test_garbage_from_a_daemon_is_an_error(tmp_path):
-    path = tmp_path / "garbage.sock"
+def one_request_daemon(path, answer: bytes | None):
+    """A daemon that takes one request and answers `answer`, or dies without answering (None)."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(1)
 
-    def reply():
+    def take_one():
         conn, _ = listener.accept()
         conn.recv(65536)
-        conn.sendall(b"not json\n")
+        if answer is not None:
+            conn.sendall(answer)
         conn.close()
-    t = threading.Thread(target=reply)
+    t = threading.Thread(target=take_one)
     t.start()
+    return t, listener
+
+
+def test_garbage_from_a_daemon_is_an_error(tmp_path):
+    path = tmp_path / "garbage.sock"
+    t, listener = one_request_daemon(path, answer=b"not json\n")
     with pytest.raises(AtomnetError, match="garbage"):
         nodeapi.call(str(path), "pod.del", "s", "n1", {"name": "a"})
     t.join()
