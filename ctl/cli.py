@@ -14,7 +14,7 @@ import sys
 from .errors import AtomnetError
 from .output import emit
 
-DEFAULT_STORE = "sqlite:///var/lib/atomnet/state.db"
+from .defaults import DEFAULT_BPFFS, DEFAULT_STORE
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,7 +30,7 @@ def _globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="store URL: sqlite:///PATH or etcd://HOST:PORT (env ATOMNET_STORE)")
     parser.add_argument("--node", default=d(os.environ.get("ATOMNET_NODE") or socket.gethostname()),
                         help="this node's name (env ATOMNET_NODE, default hostname)")
-    parser.add_argument("--bpffs", default=d(os.environ.get("ATOMNET_BPFFS", "/sys/fs/bpf/atomnet")),
+    parser.add_argument("--bpffs", default=d(os.environ.get("ATOMNET_BPFFS", DEFAULT_BPFFS)),
                         help="bpffs directory for pinned maps and programs (env ATOMNET_BPFFS)")
     parser.add_argument("-j", "--json", action="store_true", default=d(False), help="JSON output")
 

@@ -26,10 +26,10 @@ import json
 import os
 import socket
 
+from ..defaults import DEFAULT_BPFFS
 from ..errors import AtomnetError
 
 API_DIR = "/run/atomnet/api"
-DEFAULT_BPFFS = "/sys/fs/bpf/atomnet"
 ENV = "ATOMNET_API_SOCKET"
 OFF = "off"
 CONNECT_TIMEOUT = 2.0

@@ -23,11 +23,11 @@ import structlog
 from . import syscalls as sc
 from .elf import BpfObject, MapDef, patch_map_fds
 from .maps import Map, copy_entries, mirror, possible_cpus
+from ...defaults import DEFAULT_BPFFS
 from ...errors import AtomnetError
 
 log = structlog.get_logger("atomnet.loader")
 
-DEFAULT_BPFFS = "/sys/fs/bpf/atomnet"
 BPF_FS_MAGIC = 0xCAFE4A11
 OBJECT_NAMES = ("from_pod", "from_overlay", "to_overlay", "from_netdev", "to_netdev")  # bpf/NAME.c, one per attach point
 

@@ -18,12 +18,11 @@ import os
 import socket
 import sys
 
+from ...defaults import DEFAULT_BPFFS, DEFAULT_STORE
 from ...errors import AtomnetError
 from .. import nodeapi
 from . import protocol as p
 
-DEFAULT_STORE = "sqlite:///var/lib/atomnet/state.db"
-DEFAULT_BPFFS = "/sys/fs/bpf/atomnet"
 DELEGATED = ("ADD", "DEL")
 
 
