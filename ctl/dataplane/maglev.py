@@ -123,6 +123,13 @@ def _is_prime(n: int) -> bool:
 
 
 @lru_cache(maxsize=1 << 16)
+def permutation(name: str, size: int) -> tuple[int, int]:
+    """(offset, skip) of a backend's preference list in a table of `size` slots (the Maglev
+    paper's: slot j of its list is (offset + j * skip) % size; skip is never 0)."""
+    h1, h2 = _hashes(name)
+    return h1 % size, h2 % (size - 1) + 1
+
+
 def _hashes(name: str) -> tuple[int, int]:
     """Two independent, stable 64-bit hashes of a backend name (cached: names recur)."""
     data = name.encode("utf-8")
@@ -195,9 +202,7 @@ def table(backends: Sequence[str], size: int = TABLE_SIZE,
     for i, name in enumerate(backends):
         if not turns[i]:
             continue
-        h1, h2 = _hashes(name)
-        offset = h1 % size
-        skip = h2 % (size - 1) + 1
+        offset, skip = permutation(name, size)
         preferred = map(rmod, range(offset, offset + skip * size, skip))
         # (turns beyond `size` would never be reached: cap them, whatever the weight)
         order.extend([(filterfalse(entry.__getitem__, preferred).__next__, ~i)] * min(turns[i], size))
@@ -216,8 +221,7 @@ def preferences(backends: Sequence[str], size: int):
     n = len(backends)
     offsets, skips = (ct.c_uint64 * n)(), (ct.c_uint64 * n)()
     for i, name in enumerate(backends):
-        h1, h2 = _hashes(name)
-        offsets[i], skips[i] = h1 % size, h2 % (size - 1) + 1
+        offsets[i], skips[i] = permutation(name, size)
     return offsets, skips
 
 

@@ -74,9 +74,8 @@ def _packed(spec: MaglevSpec) -> bytes:
 
 @lru_cache(maxsize=1 << 16)
 def _preference(ip: str, port: int, size: int) -> tuple[int, int]:
-    """(offset, skip) of one backend in a table of `size` slots (maglev.preferences' formula)."""
-    h1, h2 = maglev._hashes(f"{ip}:{port}")
-    return h1 % size, h2 % (size - 1) + 1
+    """maglev.permutation of one backend, cached by address: 10 000 tables share 20 pods."""
+    return maglev.permutation(f"{ip}:{port}", size)
 
 
 def _build_inputs(specs: list[MaglevSpec], jobs) -> tuple:
