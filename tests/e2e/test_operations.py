@@ -79,7 +79,10 @@ def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node,
     node.atomnet("service", "add", f"ip{rig.uid}", "--port", "5301", "--backend", iperf_srv["name"])
     wait_service(node, f"ip{rig.uid}", 1)
     vip = node.atomnet_json("service", "show", f"ip{rig.uid}")["vip"]
-    stream = rig.spawn(spawn_in_pod(client["name"], "iperf3", "-c", vip, "-p", "5301", "-t", "8", "-J"))
+    # 20 s: the stream must outlast the restart and the reads around it (~4 s under the full
+    # suite's load; with 8 s the data connection had sometimes ended, and its closed entries were
+    # gone, by the time the new table was read: a test failure, not a lost flow)
+    stream = rig.spawn(spawn_in_pod(client["name"], "iperf3", "-c", vip, "-p", "5301", "-t", "20", "-J"))
     wait_established(client["name"], vip, 5301)   # the stream runs through the VIP: upgrade under it
     before = {m["name"]: m for m in node.atomnet_json("map", "list")}
     assert before["conntrack"]["max_entries"] == 262144
@@ -90,9 +93,11 @@ def test_upgrade_with_a_resized_conntrack_keeps_an_established_stream(rig, node,
     assert after["conntrack"]["max_entries"] == 524288 and after["conntrack"]["id"] != before["conntrack"]["id"]
     assert after["endpoints"]["id"] == before["endpoints"]["id"], "unchanged maps are reused"
     flows_after = {(f["src"], f["dst"], f["dir"]) for f in node.atomnet_json("ct", "list")}
-    out, err = stream.communicate(timeout=40)
+    still_running = stream.poll() is None
+    out, err = stream.communicate(timeout=60)
     # the stream's own verdict first: a flow missing below is either not migrated or was ended
     assert stream.returncode == 0, err
+    assert still_running, "the stream ended before the new table was read: this test's window is too short"
     assert flows_before <= flows_after, f"established flows carried into the new table (stream ok: {out[-300:]})"
     result = json.loads(out)
     assert all(i["sum"]["bytes"] > 0 for i in result["intervals"]), "no stall across the upgrade"
