@@ -494,7 +494,8 @@ def test_etcd_watch_loop_keeps_one_stream_and_loses_nothing(etcd_server):
             assert events, "watch timed out with puts outstanding"
             seen += [e.key for e in events]
             revision = events[-1].revision + 1
-            streams.add(id(w._live.conn))
+            if w._live is not None:   # a call that found the puts already written reads them from history
+                streams.add(id(w._live.conn))
         assert done.wait(5)
         assert seen == [f"/k/{i}" for i in range(1, 51)]
         assert len(streams) <= 2   # the first call may catch up on history over a stream of its own
