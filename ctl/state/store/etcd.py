@@ -238,14 +238,12 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 class _LiveWatch:
-    """An open watch stream parked between watch() calls: everything under prefix before
-    position was read; a watch may resume from first_unreturned_min .. position."""
-    __slots__ = ("conn", "sock", "resp", "prefix", "position", "first_unreturned_min")
+    """An open watch stream of prefix parked between watch() calls: every event before
+    position was read and returned, so a watch(prefix, position) goes on reading it."""
+    __slots__ = ("conn", "sock", "resp", "prefix", "position")
 
     def __init__(self, conn, sock, resp, prefix: str, position: int) -> None:
-        self.conn, self.sock, self.resp, self.prefix = conn, sock, resp, prefix
-        self.position = position
-        self.first_unreturned_min = position
+        self.conn, self.sock, self.resp, self.prefix, self.position = conn, sock, resp, prefix, position
 
 
 class EtcdStore(Store):
@@ -481,28 +479,17 @@ class EtcdStore(Store):
             if result.get("events"):
                 return [_event(e) for e in result["events"]]
 
-    def _watch_stream(self, body: dict[str, Any], start: int, deadline: float,
-                      keep: str | None = None) -> Iterator[list[Event]]:
-        """Event batches from one watch stream until deadline (monotonic). The stream is closed
-        when the caller is done, unless keep (the caller's prefix) is given and the caller stopped
-        after a batch: then it is parked in self._live for the next watch() to go on reading."""
+    def _watch_stream(self, body: dict[str, Any], start: int, deadline: float) -> Iterator[list[Event]]:
+        """Event batches from one watch stream until deadline (monotonic); closes it when done."""
         conn, sock, resp = self._open_watch(body)
-        parked = False
         try:
             while True:
                 batch = self._read_batch(sock, resp, start, deadline)
                 if batch is None:
                     return
-                if keep is not None:   # parked unless the caller reads on (then un-parked below)
-                    self._park(_LiveWatch(conn, sock, resp, keep, batch[-1].revision + 1))
-                    parked = True
                 yield batch
-                if parked:
-                    self._unpark(conn)
-                    parked = False
         finally:
-            if not parked:
-                conn.close()  # the gateway cancels the server-side watcher when the stream closes
+            conn.close()  # the gateway cancels the server-side watcher when the stream closes
 
     # One watch stream is kept open between watch() calls that go on where the last one
     # stopped (the daemon's loop): reopening costs a revision read and a stream set-up per
@@ -515,18 +502,13 @@ class EtcdStore(Store):
         if old is not None and old.conn is not live.conn:
             old.conn.close()
 
-    def _unpark(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if self._live is not None and self._live.conn is conn:
-                self._live = None
-
     def _take_live(self, prefix: str, start: int) -> _LiveWatch | None:
         """The parked stream if it continues exactly where a watch(prefix, start) must begin."""
         with self._lock:
             live, self._live = self._live, None
         if live is None:
             return None
-        if prefix.startswith(live.prefix) and live.first_unreturned_min <= start <= live.position:
+        if (live.prefix, live.position) == (prefix, start):
             return live
         live.conn.close()
         return None
@@ -582,20 +564,11 @@ class EtcdStore(Store):
             start = last + 1
         if time.monotonic() >= deadline:
             return []
-        body = {**_range(prefix), "start_revision": start}
-        for batch in self._watch_stream(body, start, deadline, keep=prefix):
-            found = [e for e in batch if e.key.startswith(prefix)]
-            if found:
-                self._note_returned(found)
-                return found
-        return []
-
-    def _note_returned(self, found: list[Event]) -> None:
-        with self._lock:
-            if self._live is not None:
-                self._live.first_unreturned_min = found[-1].revision + 1
+        conn, sock, resp = self._open_watch({**_range(prefix), "start_revision": start})
+        return self._watch_live(_LiveWatch(conn, sock, resp, prefix, start), prefix, start, deadline)
 
     def _watch_live(self, live: _LiveWatch, prefix: str, start: int, deadline: float) -> list[Event]:
+        """The next events of an open stream; parks it when they are returned, else closes it."""
         ok = False
         try:
             while True:
@@ -603,9 +576,8 @@ class EtcdStore(Store):
                 if batch is None:   # timed out: closed below, as a fresh stream would be
                     return []
                 live.position = batch[-1].revision + 1
-                found = [e for e in batch if e.key.startswith(prefix) and e.revision >= start]
+                found = [e for e in batch if e.key.startswith(prefix)]
                 if found:
-                    live.first_unreturned_min = found[-1].revision + 1
                     ok = True
                     return found
         finally:
