@@ -79,6 +79,16 @@ def build_parser() -> Parser:
                    help="resolver for names outside the cluster (repeatable; default: /etc/resolv.conf's)")
     d.add_argument("--dns-ttl", type=int, default=30, metavar="SECONDS", help="TTL of service and node names")
     d.add_argument("--dns-pod-ttl", type=int, default=5, metavar="SECONDS", help="TTL of pod and forward names")
+    # Cilium's agent flags (ctl/dataplane/mapsizes.py); each also from ATOMNET_BPF_LB_..._MAX
+    d.add_argument("--bpf-lb-map-max", metavar="N", default=None,
+                   help="entries of the services and Maglev maps, 4 x N of the backends map (env "
+                        "ATOMNET_BPF_LB_MAP_MAX; default: the compiled 65536 / 262144)")
+    d.add_argument("--bpf-lb-service-map-max", metavar="N", default=None,
+                   help="entries of the services map (frontends; overrides --bpf-lb-map-max)")
+    d.add_argument("--bpf-lb-service-backend-map-max", metavar="N", default=None,
+                   help="entries of the backends map (one per service port and backend)")
+    d.add_argument("--bpf-lb-maglev-map-max", metavar="N", default=None,
+                   help="entries of the Maglev map (one per distinct backend set)")
     dnsv = verbs.add_parser("dns", help="cluster DNS").add_subparsers(dest="action", required=True, parser_class=Parser)
     verb(dnsv, "list", "every name this node's DNS answers from the cluster state", _dns_list)
     dq = verb(dnsv, "query", "ask this node's DNS server (UDP, TCP on truncation)", _dns_query)
@@ -548,10 +558,13 @@ def _daemon(args) -> None:
     for what, ttl in (("--dns-ttl", args.dns_ttl), ("--dns-pod-ttl", args.dns_pod_ttl)):
         if not 0 <= ttl <= 86400:
             raise AtomnetError(f"invalid {what} {ttl}: seconds, 0-86400")
+    from .dataplane.mapsizes import LB_MAP_MAX, PER_MAP, lb_map_sizes
+    sizes = lb_map_sizes({flag: getattr(args, flag.removeprefix("--").replace("-", "_"))
+                          for flag in (LB_MAP_MAX, *PER_MAP)})   # a bad size fails here, before anything
     dns = DnsService(args.upstream, args.dns_ttl, args.dns_pod_ttl)   # a bad --upstream fails here
     kwargs = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("renew_margin", args.lease_renew_margin)) if v}
     Daemon(args.store, args.node, args.bpffs, args.uplink, args.public_ip, metrics=args.metrics,
-           debug_events=args.debug_events, dns=dns, **kwargs).run()
+           debug_events=args.debug_events, dns=dns, map_sizes=sizes, **kwargs).run()
 
 
 def _docker_plugin(args) -> None:

@@ -118,11 +118,11 @@ class Daemon:
     def __init__(self, store_url: str, node_name: str, bpffs: str, uplink: str | None = None,
                  public_ip: str | None = None, lease_ttl: float = LEASE_TTL,
                  renew_margin: float = LEASE_RENEW_MARGIN, metrics: str | None = None, debug_events: bool = False,
-                 dns: DnsService | None = None):
+                 dns: DnsService | None = None, map_sizes: dict[str, int] | None = None):
         self.store_url = store_url
         self.store: Store | None = None
         self.node_name = node_name
-        self.loader = Loader(bpffs)
+        self.loader = Loader(bpffs, map_sizes)   # --bpf-lb-*-map-max (ctl/dataplane/mapsizes.py)
         self.uplink = uplink
         self.public_ip = public_ip
         self.lease_ttl = lease_ttl

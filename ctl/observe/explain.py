@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..node import netplumb
 from . import packets
@@ -58,7 +58,9 @@ def _scratch_maps(live: dict[str, Map], flow: tuple) -> Scratch:
     out = {}
     try:
         for name in SCRATCH:
-            d = catalog[name]
+            # as large as the live map: the daemon may run with other sizes than the objects'
+            # (--bpf-lb-*-map-max), and every live backend is copied in
+            d = replace(catalog[name], max_entries=live[name].info.max_entries) if name in live else catalog[name]
             out[name] = Map(create_map(d), mirror(d.key_type, d.key_size), mirror(d.value_type, d.value_size), name)
         copy_entries(live["backends"], out["backends"])   # liveness of backends (keys)
         src, dst, sport, dport, proto = flow

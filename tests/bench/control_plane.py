@@ -100,9 +100,21 @@ def pctl(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def lb_map_max_for(services: int, backends_each: int) -> int | None:
+    """The daemon's --bpf-lb-map-max for this many services (None: the compiled sizes fit):
+    a power of two with room for the services, their tables and 4 x N backend entries, and
+    for what the changes add and the Maglev pool's spares."""
+    from ctl.dataplane.mapsizes import FACTORS
+    need = max(services + 1024, -(-(services * backends_each + 1024) // FACTORS["backends"]))
+    if need <= 65536:
+        return None
+    return 1 << (need - 1).bit_length()
+
+
 def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, changes: int, apply_fn,
              idle_window: float = 0.0, metrics_port: int = 0, pod_adds: int = 0, log=print) -> dict:
-    """One fresh node: pool pods, n services (distinct backend sets of nb), then the changes."""
+    """One fresh node: pool pods, n services (distinct backend sets of nb), then the changes.
+    Beyond the compiled map sizes (50 000 services x 10) the daemon gets --bpf-lb-map-max."""
     from ctl.state import services as svclib
     from ctl.state.model import SERVICES_PREFIX, Service
     from ctl.state.store import open_store
@@ -113,8 +125,10 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
     rig.bench_maps = []   # the second node's, closed with the rest
     try:
         node = rig.add_node("cp")
+        lb_max = lb_map_max_for(n + changes, nb)
+        node.lb_args = ["--bpf-lb-map-max", str(lb_max)] if lb_max else []   # the second node's too (pod adds)
         extra = ["--metrics", f"127.0.0.1:{metrics_port}"] if metrics_port else []
-        node.start_daemon(*extra)
+        node.start_daemon(*extra, *node.lb_args)
         pods = [node.add_pod(f"e{j}")["name"] for j in range(pool)]
         for p in node.atomnet_json("pod", "list"):
             node.wait_endpoint(p["ip"])
@@ -203,7 +217,7 @@ def pod_add_latencies(rig, node, store, maps: Maps, count: int, probe_vip: str, 
         "name": "podadd-probe", "vip": probe_vip, "selector": dict([PROBE_LABEL.split("=")]),
         "ports": [{"port": 80, "target_port": 8080, "proto": "tcp"}]}))
     other = rig.add_node("cq")
-    other.start_daemon(wait=False)
+    other.start_daemon(*getattr(node, "lb_args", ()), wait=False)
     other.wait_log("dataplane_ready", timeout=900)   # it programs the N services first
     remote = Maps(other.bpffs)
     rig.bench_maps.append(remote)

@@ -15,7 +15,7 @@ import ctypes as ct
 import ctypes.util
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -128,8 +128,11 @@ class Loaded:
 
 
 class Loader:
-    def __init__(self, root: str = DEFAULT_BPFFS):
+    def __init__(self, root: str = DEFAULT_BPFFS, sizes: dict[str, int] | None = None):
+        """sizes: max_entries by map name where the node's configuration differs from the
+        objects' (ctl/dataplane/mapsizes.py), as libbpf's bpf_map__set_max_entries before load."""
         self.root = Path(root)
+        self.sizes = dict(sizes or {})
 
     def map_pin(self, name: str) -> Path:
         return self.root / "maps" / name
@@ -141,6 +144,8 @@ class Loader:
         for d in defs.values():
             if d.name in loaded.maps:
                 continue
+            if d.name in self.sizes:
+                d = replace(d, max_entries=self.sizes[d.name])
             pin = self.map_pin(d.name)
             if d.pinned and pin.exists():
                 m = open_map(pin, d)
@@ -183,11 +188,18 @@ class Loader:
 
     def commit(self, loaded: Loaded) -> None:
         """After the programs are attached: pin new maps (replacing stale pins) and the programs.
-        A migrated map first takes what the old programs added since the first copy (they
-        kept running until the attach), without overwriting what the new ones wrote."""
+        A migrated map the programs add entries to (conntrack, affinity, fragments: the LRU
+        maps) first takes what the old programs added since the first copy (they kept running
+        until the attach), without overwriting what the new ones wrote. The daemon's own maps
+        do not: the old programs add nothing to them, and what the first sync deleted there
+        (a service gone while the daemon was down, a service left out of a map too small)
+        would come back behind the daemon's caches."""
         for name, old in loaded.migrating.items():
-            late = copy_entries(old, loaded.maps[name], only_missing=True)
-            log.info("map_migration_finished", map=name, late_entries=late)
+            if old.info.type == sc.BPF_MAP_TYPE_LRU_HASH:
+                late = copy_entries(old, loaded.maps[name], only_missing=True)
+                log.info("map_migration_finished", map=name, late_entries=late)
+            else:
+                log.info("map_migration_finished", map=name, late_entries=0)
             old.close()
         loaded.migrating.clear()
         for name in loaded.unpinned:
