@@ -266,9 +266,12 @@ def _net_show(args) -> None:
 
 
 def _map_list(args) -> None:
-    from .observe.inspect import map_list
-    emit(map_list(_loader(args)), args.json,
-         ["id", "name", "type", "key_size", "value_size", "max_entries", "entries", "pinned"])
+    from .observe.inspect import map_list, overflow_hints
+    loader = _loader(args)
+    emit(map_list(loader), args.json,
+         ["id", "name", "type", "key_size", "value_size", "max_entries", "entries", "needed", "pinned"])
+    for hint in overflow_hints(loader):   # the maps the daemon could not fit its state into
+        sys.stderr.write(f"atomnet: warning: {hint}\n")
 
 
 def _map_dump(args) -> None:

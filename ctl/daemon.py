@@ -313,7 +313,8 @@ class Daemon:
     def _reconcile(self, force_attach: bool = False) -> None:
         started = time.monotonic()
         self.model.update()
-        if self.reconciler is None or force_attach:
+        full = self.reconciler is None or force_attach
+        if full:
             self.reconciler = self.reconciler or Reconciler(self.loaded.maps)
             self.model.drain()
             desired = self.model.snapshot()
@@ -332,7 +333,9 @@ class Daemon:
             for frontend, kept, refused in conflicts:
                 log.warning("frontend_conflict", frontend=frontend, kept=kept, refused=refused)
             self._conflicts = conflicts
-        res = self.reconciler.apply(changes)
+        # the whole state was admitted by initial_changes; drained changes are filtered alike
+        res = self.reconciler.apply(changes) if full else self.reconciler.apply_drained(changes)
+        self.report_overflow()
         attached = self.sync_attachments(wanted_in, tc.INGRESS, force_attach)
         attached += self.sync_attachments(wanted_eg, tc.EGRESS, force_attach)
         total = res.total + attached
@@ -349,6 +352,30 @@ class Daemon:
             gc.freeze()
             _trim_heap()   # a big sync's temporaries: give the freed heap back (RSS, not just free lists)
 
+    def report_overflow(self) -> None:
+        """A desired state larger than a service-side map (ctl/dataplane/capacity.py): one
+        `map_overflow` event per map when it starts or its numbers change, one
+        `map_overflow_resolved` when it fits again; the metrics and the file `atomnet map
+        list` reads (ctl/node/readiness.py) follow."""
+        from .dataplane.mapsizes import flag_for
+        now = {o.map: o for o in self.reconciler.capacity.overflows}
+        before = getattr(self, "_overflows", None)   # None: the first pass also clears an old file
+        if now == before:
+            return
+        before = before or {}
+        for name, o in now.items():
+            if before.get(name) != o:
+                log.error("map_overflow", map=name, needed=o.needed, capacity=o.capacity,
+                          refused_service_ports=o.refused, raise_flag=flag_for(name),
+                          note="the oldest service ports that fit are programmed, the rest are not")
+        for name in before.keys() - now.keys():
+            log.info("map_overflow_resolved", map=name)
+        self._overflows = now
+        self.metrics.set_overflow([o.to_dict() for o in now.values()],
+                                  len(self.reconciler.capacity.refused))
+        readiness.write_overflow(str(self.loader.root), [{**o.to_dict(), "flag": flag_for(o.map)}
+                                                         for o in now.values()])
+
     def drift_check(self) -> None:
         """The rare full comparison. The model is checked against a from-scratch computation
         of the same inputs (a difference is a bug: logged, and the model rebuilt), then the
@@ -363,6 +390,7 @@ class Daemon:
             log.error("desired_model_drift", note="incremental model differs from the from-scratch computation")
             self.metrics.drift_repairs.labels(kind="model").inc()
         repairs = self.reconciler.drift_check(scratch)
+        self.report_overflow()
         if repairs:
             self.metrics.drift_repairs.labels(kind="kernel").inc(repairs)
         log.info("drift_checked", repairs=repairs)
@@ -484,6 +512,7 @@ class Daemon:
         self.model.drain()
         desired = self.model.snapshot()
         self.reconciler.apply(self.reconciler.initial_changes(desired))
+        self.report_overflow()
 
     def _netdevs(self) -> dict:
         """The node's own devices, as Model.set_node takes them: from_netdev on the uplink and
@@ -587,7 +616,7 @@ class Daemon:
         if getattr(self, "api", None):
             self.api.stop()
         self.dns.stop()
-        readiness.clear(str(self.loader.root))
+        readiness.clear(str(self.loader.root))   # the overflow file stays: it describes the maps left behind
         if getattr(self, "linkwatch", None):
             self.linkwatch.stop()
         if self.store:

@@ -336,6 +336,7 @@ class MaglevTables:
         """New inner maps into the outer map under fresh keys: one batch, one RCU wait."""
         if not fds:
             return []
+        self._make_room(len(fds))
         keys = []
         while len(keys) < len(fds):
             if self.next_key not in self.keys_used:
@@ -344,6 +345,22 @@ class MaglevTables:
         sc.update_batch(self.outer.fd, (ct.c_uint32 * len(keys))(*keys), (ct.c_uint32 * len(fds))(*fds), len(keys))
         self.keys_used.update(keys)
         return keys
+
+    def _make_room(self, count: int) -> None:
+        """A full outer map (the daemon's --bpf-lb-maglev-map-max reached) is full of spares
+        the refill put there, of the default size: spares this batch did not take give their
+        keys to its new tables (one batch delete; the kernel frees them)."""
+        short = count - (self.outer.info.max_entries - len(self.keys_used))
+        drop: list[int] = []
+        for spares in self.spares.values():
+            while spares and len(drop) < short:
+                drop.append(spares.pop().key)
+        if drop:
+            done = sc.delete_batch(self.outer.fd, (ct.c_uint32 * len(drop))(*drop), len(drop))
+            for key in drop[done:]:
+                self.outer.delete(U32(value=key))
+            self.keys_used.difference_update(drop)
+            log.debug("maglev_spares_dropped", count=len(drop), note="outer map full: room for new tables")
 
     def _create(self, size: int) -> int:
         flags = sc.BPF_F_INNER_MAP | (sc.BPF_F_MMAPABLE if self.mmapable else 0)

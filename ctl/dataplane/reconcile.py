@@ -19,9 +19,10 @@ import structlog
 
 from .bpf.maps import Map
 from .bpf.types import CtDir
+from .capacity import Capacity
 from .desired import KEY_ONLY_MAPS, MAGLEV, OWNED_MAPS, Desired, Frozen, MaglevSpec
-from .mapcache import MapCache, log_changes
-from .maglev_tables import MaglevTables
+from .mapcache import Flushed, MapCache, log_changes
+from .maglev_tables import SPARES_LOW, MaglevTables
 from ..state.model import PROTOCOLS
 
 log = structlog.get_logger("atomnet.reconcile")
@@ -40,11 +41,21 @@ class Result:
         return sum(self.upserts.values()) + sum(self.deletes.values())
 
 
+def capacity_limits(maps: dict[str, Map]) -> dict[str, int]:
+    """What the service-side maps can hold (ctl/dataplane/capacity.py). The Maglev map keeps
+    room beyond the live tables for spares (a change fills a spare, then repoints its service:
+    with no spare and no room it could not be written)."""
+    outer = maps["maglev"].info.max_entries
+    return {"services": maps["services"].info.max_entries, "backends": maps["backends"].info.max_entries,
+            MAGLEV: outer - min(SPARES_LOW, outer // 4)}
+
+
 class Reconciler:
     def __init__(self, maps: dict[str, Map]):
         self.maps = maps
         self.caches = {name: MapCache(maps[name], name, name in KEY_ONLY_MAPS) for name in OWNED_MAPS}
         self.tables = MaglevTables(maps["maglev"])
+        self.capacity = Capacity(capacity_limits(maps))   # what fits: the rest waits (map_overflow)
         self.drift_repairs = 0
         self._checked_stale = False   # outer keys nobody adopted: looked for after the first pass
 
@@ -52,7 +63,9 @@ class Reconciler:
         """Everything the kernel or the model has: the caches keep only real differences.
         Maglev tables the kernel already holds for the same backends (a restarted daemon:
         the service entry carries the digest and the table's key) are adopted instead of
-        rebuilt; outer keys nobody adopted are deleted once the new entries are in."""
+        rebuilt; outer keys nobody adopted are deleted once the new entries are in. Only
+        what fits the maps is desired (Capacity.admit)."""
+        desired = self.capacity.admit(desired)
         out: Changes = {}
         for name in OWNED_MAPS:
             entries = {k: None for k in self.caches[name].cache}
@@ -67,8 +80,13 @@ class Reconciler:
         out[MAGLEV] = tables
         return out
 
+    def apply_drained(self, changes: Changes) -> Result:
+        """The model's drained changes, as far as they fit the maps (Capacity.filter)."""
+        return self.apply(self.capacity.filter(changes))
+
     def apply(self, changes: Changes) -> Result:
         res = Result()
+        self._early: dict[str, Flushed] = {}   # deletions written before their map's upserts (a full map)
         removed_backends: list[Frozen] = []
         tables = changes.get(MAGLEV, {})
         wanted = {sid: spec for sid, spec in tables.items() if spec is not None}
@@ -96,8 +114,9 @@ class Reconciler:
                     res.deletes[MAGLEV] = self.tables.remove_many(gone)
                     log_changes("maglev", "maglev_table_deleted", gone, lambda sid: {"service_id": sid})
             dels = [k for k, v in changes.get(name, {}).items() if v is None]
-            if dels:
+            if dels or name in self._early:
                 done = self.caches[name].delete(dels)
+                done.deletes += self._early.get(name, Flushed()).deletes
                 if done.deletes:
                     res.deletes[name] = len(done.deletes)
                     if name == "backends":
@@ -115,6 +134,12 @@ class Reconciler:
 
     def _upsert(self, name: str, changes: Changes, res: Result) -> None:
         ups = {k: v for k, v in changes.get(name, {}).items() if v is not None}
+        cache = self.caches[name]
+        if ups and len(cache) + sum(1 for k in ups if k not in cache.cache) > cache.map.info.max_entries:
+            # What fits the map (Capacity) may not fit beside what it replaces: this map's
+            # deletions go first (a backend key gone early only loses its counters' last
+            # packets; a frontend gone early is one going anyway).
+            self._early[name] = cache.delete([k for k, v in changes[name].items() if v is None])
         if ups:
             done = self.caches[name].upsert(ups)
             if done.upserts:
@@ -148,7 +173,9 @@ class Reconciler:
 
     def drift_check(self, desired: Desired) -> int:
         """The rare full comparison: kernel against cache (repaired to the cache), then the
-        cache against the from-scratch desired state (repaired to it). Returns repairs."""
+        cache against the from-scratch desired state (repaired to it), as far as it fits the
+        maps (Capacity.admit). Returns repairs."""
+        desired = self.capacity.admit(desired)
         repairs = sum(c.drift_check() for c in self.caches.values())
         live = self.tables.live_ids()
         lost = {sid for sid in self.tables.slots if self.tables.key_of(sid) not in live}

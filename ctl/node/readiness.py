@@ -55,3 +55,29 @@ def not_ready_reason(bpffs: str) -> str | None:
     except PermissionError:
         pass   # alive, owned by another user
     return None
+
+
+def overflow_path(bpffs: str) -> Path:
+    return ready_path(bpffs).with_suffix(".overflow.json")
+
+
+def write_overflow(bpffs: str, rows: list[dict]) -> None:
+    """The service-side maps too small for the desired state ({map, needed, capacity, refused,
+    flag} each), for `atomnet map list`; no file while everything fits. Kept when the daemon
+    stops: the maps it left are still short of the same entries."""
+    path = overflow_path(bpffs)
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "since": time.time(), "maps": rows}))
+    tmp.replace(path)
+
+
+def read_overflow(bpffs: str) -> dict[str, dict]:
+    """map name -> its overflow row, as the daemon last wrote it (empty: everything fits)."""
+    try:
+        return {row["map"]: row for row in json.loads(overflow_path(bpffs).read_text())["maps"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -74,6 +74,10 @@ def _open_pinned_maps(loader: Loader) -> list[tuple[Path, Map | None, int]]:
 
 
 def map_list(loader: Loader) -> list[dict]:
+    """Every pinned map; `needed` is what the daemon's desired state needs of a service-side
+    map too small for it (ctl/dataplane/capacity.py), None where it fits."""
+    from ..node.readiness import read_overflow
+    overflow = read_overflow(str(loader.root))
     out = []
     for pin, m, raw_fd in _open_pinned_maps(loader):
         info = m.info if m else sc.map_info(raw_fd)
@@ -86,8 +90,16 @@ def map_list(loader: Loader) -> list[dict]:
         out.append({"id": info.id, "name": pin.name, "type": sc.MAP_TYPES.get(info.type, str(info.type)),
                     "key_size": info.key_size, "value_size": info.value_size,
                     "max_entries": info.max_entries, "entries": entries, "flags": info.map_flags,
-                    "pinned": str(pin)})
+                    "pinned": str(pin), "needed": overflow.get(pin.name, {}).get("needed")})
     return out
+
+
+def overflow_hints(loader: Loader) -> list[str]:
+    """One line per service-side map too small for the desired state: what to raise."""
+    from ..node.readiness import read_overflow
+    return [f"map {o['map']} is too small: the desired state needs {o['needed']} entries, {o['capacity']} fit; "
+            f"{o['refused']} service ports are not programmed (raise {o['flag']} or --bpf-lb-map-max of "
+            f"this node's daemon)" for o in read_overflow(str(loader.root)).values()]
 
 
 def _decode_value(value) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 import ctypes as ct
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -234,6 +234,14 @@ class Metrics:
         self.drift_repairs = Counter("atomnet_drift_repairs", "Differences the drift check found and repaired "
                                      "(kind=kernel: a map entry; kind=model: the incremental model itself)",
                                      labelnames=["kind"], registry=self.registry)
+        # A desired state larger than a service-side map (ctl/dataplane/capacity.py): what the
+        # operator raises with --bpf-lb-*-map-max, and how much is left out meanwhile.
+        self.overflow_entries = Gauge("atomnet_map_overflow_entries", "Entries the desired state needs beyond "
+                                      "the map's capacity (0: it fits)", labelnames=["map"], registry=self.registry)
+        self.overflow_refused = Gauge("atomnet_map_overflow_refused_service_ports", "Service ports not programmed "
+                                      "because a service-side map is full", registry=self.registry)
+        for name in ("services", "backends", "maglev"):
+            self.overflow_entries.labels(map=name).set(0)
 
     def serve(self, address: str, snapshot: Callable[[], dict]) -> None:
         host, sep, port = address.rpartition(":")
@@ -255,6 +263,12 @@ class Metrics:
         (one scrape at a time: the text belongs to the collect that made it)."""
         with self._scrape_lock:
             return generate_latest(self.registry) + collector.text.encode()
+
+    def set_overflow(self, overflows: list[dict], refused: int) -> None:
+        short = {o["map"]: o["needed"] - o["capacity"] for o in overflows}
+        for name in ("services", "backends", "maglev"):
+            self.overflow_entries.labels(map=name).set(short.get(name, 0))
+        self.overflow_refused.set(refused)
 
     def time_reconcile(self):
         return self.reconcile_seconds.time()

@@ -1,0 +1,168 @@
+"""Pure: which service ports fit the service-side maps. A desired state larger than the maps
+(more frontends than the services map holds, more (service port, backend) entries than the
+backends map, more distinct backend sets than the Maglev map) is programmed in part instead
+of failing every sync: whole service ports, oldest first (lowest id: ids only grow), each
+with its frontends, backends and table or not at all, so a new service never pushes out one
+that runs, and the same stored state always programs the same ports. The rest waits, logged
+and counted (`map_overflow`, atomnet_map_overflow_*), until the operator raises the size
+(ctl/dataplane/mapsizes.py) or removes services.
+
+Capacity sits between the model's drained changes and the reconciler: `filter(changes)`
+returns the changes to write. While everything fits it returns them as they are, after
+O(changes) bookkeeping; once something does not fit, each sync decides again over every
+service port (O(service ports): tens of ms at 50 000, only while overflowing). `admit(desired)`
+filters a whole desired state the same way (start-up, drift check).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .desired import MAGLEV, Desired, Frozen, MaglevSpec, backend_key
+
+LIMITED = ("services", "backends", MAGLEV)   # the maps whose capacity is checked here
+
+
+@dataclass(frozen=True)
+class Overflow:
+    map: str         # services | backends | maglev
+    needed: int      # entries the whole desired state needs
+    capacity: int    # entries usable in the map
+    refused: int     # service ports left out (whole: frontends, backends and table)
+
+    def to_dict(self) -> dict:
+        return {"map": self.map, "needed": self.needed, "capacity": self.capacity, "refused": self.refused}
+
+
+def _sid(value: Frozen) -> int:
+    return dict(value)["id"]
+
+
+def _shape(spec: MaglevSpec) -> tuple:
+    return (spec.table_size, spec.backends)
+
+
+class Capacity:
+    def __init__(self, limits: dict[str, int]):
+        """limits: usable entries per map of LIMITED (a map left out is not limited)."""
+        self.limits = dict(limits)
+        self.fronts: dict[Frozen, Frozen] = {}       # services key -> value (the desired frontends)
+        self.sid_fronts: dict[int, set] = {}         # service-port id -> its frontend keys
+        self.specs: dict[int, MaglevSpec] = {}       # service-port id -> its Maglev spec (its backends)
+        self.shapes: dict[tuple, int] = {}           # distinct tables -> how many ports use each
+        self.backends = 0                            # sum of len(spec.backends)
+        self.refused: set[int] = set()               # service ports not programmed now
+        self.overflows: list[Overflow] = []          # what does not fit, per map (empty: all fits)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _track(self, changes: dict) -> None:
+        for key, value in changes.get("services", {}).items():
+            old = self.fronts.pop(key, None)
+            if old is not None:
+                keys = self.sid_fronts[_sid(old)]
+                keys.discard(key)
+                if not keys:
+                    del self.sid_fronts[_sid(old)]
+            if value is not None:
+                self.fronts[key] = value
+                self.sid_fronts.setdefault(_sid(value), set()).add(key)
+        for sid, spec in changes.get(MAGLEV, {}).items():
+            old = self.specs.pop(sid, None)
+            if old is not None:
+                self.backends -= len(old.backends)
+                shape = _shape(old)
+                self.shapes[shape] -= 1
+                if not self.shapes[shape]:
+                    del self.shapes[shape]
+            if spec is not None:
+                self.specs[sid] = spec
+                self.backends += len(spec.backends)
+                self.shapes[_shape(spec)] = self.shapes.get(_shape(spec), 0) + 1
+
+    def needed(self) -> dict[str, int]:
+        return {"services": len(self.fronts), "backends": self.backends, MAGLEV: len(self.shapes)}
+
+    def _fits(self, needed: dict[str, int]) -> bool:
+        return all(needed[m] <= self.limits[m] for m in self.limits)
+
+    def _choose(self) -> set[int]:
+        """The refused service ports: every port in id order takes its frontends, backends and
+        (if no admitted port has the same backend set) a table, while all three fit."""
+        used = {"services": 0, "backends": 0}
+        tables: set[tuple] = set()
+        lim = {m: self.limits.get(m, float("inf")) for m in LIMITED}
+        refused = set()
+        for sid in sorted(self.specs.keys() | self.sid_fronts.keys()):
+            spec = self.specs.get(sid)
+            s = used["services"] + len(self.sid_fronts.get(sid, ()))
+            b = used["backends"] + (len(spec.backends) if spec else 0)
+            new_table = spec is not None and _shape(spec) not in tables
+            if s <= lim["services"] and b <= lim["backends"] and len(tables) + new_table <= lim[MAGLEV]:
+                used["services"], used["backends"] = s, b
+                if new_table:
+                    tables.add(_shape(spec))
+            else:
+                refused.add(sid)
+        return refused
+
+    def _port_entries(self, sid: int, present: bool) -> dict:
+        """A service port's whole contribution (present) or its removal (not present)."""
+        out: dict = {"services": {}, "backends": {}, MAGLEV: {}}
+        for key in self.sid_fronts.get(sid, ()):
+            out["services"][key] = self.fronts[key] if present else None
+        spec = self.specs.get(sid)
+        if spec is not None:
+            for ip, port in spec.backends:
+                out["backends"][backend_key(sid, ip, port)] = () if present else None
+            out[MAGLEV][sid] = spec if present else None
+        return out
+
+    # ---------------------------------------------------------------- the two entry points
+    def filter(self, changes: dict) -> dict:
+        """The drained changes -> the changes to write: a refused port's keys become deletions
+        (no-ops where the kernel never had them); ports refused or admitted since the last
+        call gain their removal or their whole contribution."""
+        self._track(changes)
+        needed = self.needed()
+        fits = self._fits(needed)
+        if fits and not self.refused:
+            self.overflows = []
+            return changes
+        refused = set() if fits else self._choose()
+        newly_refused, newly_admitted = refused - self.refused, self.refused - refused
+        self.refused = refused
+        self.overflows = [Overflow(m, needed[m], self.limits[m], len(refused))
+                          for m in LIMITED if m in self.limits and needed[m] > self.limits[m]]
+        out = {name: dict(entries) for name, entries in changes.items()}
+        if refused:
+            for key, value in out.get("services", {}).items():
+                if value is not None and _sid(value) in refused:
+                    out["services"][key] = None
+            for key, value in out.get("backends", {}).items():
+                if value is not None and dict(key)["service_id"] in refused:
+                    out["backends"][key] = None
+            for sid, spec in out.get(MAGLEV, {}).items():
+                if spec is not None and sid in refused:
+                    out[MAGLEV][sid] = None
+        for sid, present in [*((s, False) for s in newly_refused), *((s, True) for s in newly_admitted)]:
+            for name, entries in self._port_entries(sid, present).items():
+                out.setdefault(name, {}).update(entries)
+        return out
+
+    def admit(self, desired: Desired) -> Desired:
+        """A whole desired state (start-up, drift check) -> the part that fits, as filter()
+        decides it; this object's state is replaced by it."""
+        self.__init__(self.limits)
+        self._track({"services": desired.maps["services"], MAGLEV: desired.maglev})
+        needed = self.needed()
+        self.refused = set() if self._fits(needed) else self._choose()
+        self.overflows = [Overflow(m, needed[m], self.limits[m], len(self.refused))
+                          for m in LIMITED if m in self.limits and needed[m] > self.limits[m]]
+        if not self.refused:
+            return desired
+        maps = dict(desired.maps)
+        maps["services"] = {k: v for k, v in desired.maps["services"].items() if _sid(v) not in self.refused}
+        maps["backends"] = {k: v for k, v in desired.maps["backends"].items()
+                            if dict(k)["service_id"] not in self.refused}
+        maglev = {sid: spec for sid, spec in desired.maglev.items() if sid not in self.refused}
+        return Desired(maps=maps, maglev=maglev, ingress=desired.ingress, egress=desired.egress,
+                       missing_links=desired.missing_links, conflicts=desired.conflicts)
