@@ -46,6 +46,7 @@ Shape = tuple   # (table_size, sorted ((ip, port), ...)): what a table's content
 # Tables are built by native threads (maglev_build_many): this many for a big batch.
 BUILD_THREADS = 2
 PARALLEL_FROM = 16          # fewer tables than this are built on the calling thread (a thread start costs more)
+BUILD_CHUNK = 4096          # tables built and inserted per native call: fds held at once (RLIMIT_NOFILE)
 COOL_SECONDS = 1.0          # an unused table is reused only after this (programs may still read it)
 SPARES_LOW, SPARES_BATCH, SPARES_MAX = 16, 64, 256   # spare tables of the default size
 
@@ -265,9 +266,16 @@ class MaglevTables:
             self.spares.setdefault(table.size, []).append(table)
 
     def _fill_missing(self, missing: dict[Shape, MaglevSpec]) -> None:
-        """Every missing table in one native call (maglev_build_many, on BUILD_THREADS threads
-        of its own, the GIL released): spares are refilled, the rest created there; then the
-        new ones go into the outer map in one batch."""
+        """The missing tables, BUILD_CHUNK at a time: each holds an fd until the outer map has
+        it, and 50 000 tables at once are more fds than a process may open (EMFILE)."""
+        specs = list(missing.items())
+        for start in range(0, len(specs), BUILD_CHUNK):
+            self._fill_chunk(dict(specs[start:start + BUILD_CHUNK]))
+
+    def _fill_chunk(self, missing: dict[Shape, MaglevSpec]) -> None:
+        """Missing tables in one native call (maglev_build_many, on BUILD_THREADS threads of
+        its own, the GIL released): spares are refilled, the rest created there; then the
+        new ones go into the outer map in one batch (one RCU wait)."""
         if not self.mmapable:
             return self._fill_missing_batched(missing)
         specs = list(missing.values())

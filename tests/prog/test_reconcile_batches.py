@@ -38,8 +38,10 @@ def service(i: int, pods: list[str]) -> Service:
                    backends=tuple(BackendRef(p) for p in pods))
 
 
-def test_random_batches_leave_the_kernel_as_a_from_scratch_computation(maps, monkeypatch):
+@pytest.mark.parametrize("chunk", [maglev_tables.BUILD_CHUNK, 7])   # 7: a big batch is built in chunks
+def test_random_batches_leave_the_kernel_as_a_from_scratch_computation(maps, monkeypatch, chunk):
     monkeypatch.setattr(maglev_tables, "COOL_SECONDS", 0.0)   # spares get reused between batches
+    monkeypatch.setattr(maglev_tables, "BUILD_CHUNK", chunk)
     rng = random.Random(21)
     model = Model("n1", table_size_for=lambda n: SIZE)
     model.set_node(cluster=ClusterConfig(), overlay=OVERLAY, node_ip="192.168.0.1", netdevs=[1])
