@@ -619,6 +619,52 @@ class Bench:
         """Only the control-plane rows (`python -m tests.bench.run --only control-plane`)."""
         self.control_plane()
 
+    FLAT_COUNTS = (1000, 10000, 50000)
+
+    def run_control_plane_flat(self) -> None:
+        """Issue 15's "the same at 1 000 and 50 000 services: flat" row, alone (`python -m
+        tests.bench.run --only control-plane-flat`; not in `make bench`: one 50 000-service node
+        takes ~3 minutes, ~130 s of it programming, and ~7 GB of kernel memory for its Maglev
+        tables). Per repetition a fresh node at each count, in turn; the daemon gets
+        --bpf-lb-map-max beyond the compiled map sizes (tests/bench/control_plane.py)."""
+        from .control_plane import run_node
+        c = self.cfg
+        nb, counts = c.cp_backends, (self.FLAT_COUNTS if c.cp_services >= 10000 else (c.cp_services,))
+        need_kib = max(counts) * 132 + 3 * 1024 * 1024   # 128 KiB tables + headroom for the rest
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        if avail < need_kib:
+            raise RuntimeError(f"{max(counts)} services need ~{need_kib // 1024 ** 2} GiB free, "
+                               f"{avail // 1024 ** 2} GiB available: not run")
+        self.step(f"case: control plane flat, one change among {', '.join(map(str, counts))} services x {nb}")
+        s = {(n, k): Series(f"{n} {k}") for n in counts for k in ("p50", "p99", "program", "rss")}
+        for _ in range(c.reps):
+            for n in counts:
+                a = run_node(self.rig.tmp, self.uids, n, nb, max(nb * 2, 4), c.cp_changes, self.atomnet_apply,
+                             log=self.log)
+                for k, v in (("p50", a["change_p50"]), ("p99", a["change_p99"]), ("program", a["program"]["wall"]),
+                             ("rss", a["rss_end_mib"])):
+                    s[(n, k)].samples.append(Sample(v))
+        for n in counts:
+            label = f"{n:,}".replace(",", " ")
+            self.rows += [
+                Row(f"control plane flat: change one service among {label}", "store write → maps updated, p50", "s",
+                    s[(n, "p50")].renamed("atomnet"), None, [Target("<=", 0.010, absolute=True, text="< 10 ms")],
+                    better="lower", note=f"{c.cp_changes} adds, backend changes and deletes per node"),
+                Row(f"control plane flat: change one service among {label}", "store write → maps updated, p99", "s",
+                    s[(n, "p99")].renamed("atomnet"), None, [Target("<=", 0.050, absolute=True, text="< 50 ms")],
+                    better="lower"),
+            ]
+        top = max(counts)
+        label = f"{top:,}".replace(",", " ")
+        self.rows += [
+            Row(f"control plane flat: program {label} services × {nb} backends", "time (apply → reconciled)", "s",
+                s[(top, "program")].renamed("atomnet"), None, better="lower"),
+            Row(f"daemon memory at {label} services × {nb} backends", "RSS after the changes", "MiB",
+                s[(top, "rss")].renamed("atomnet"), None, better="lower"),
+        ]
+        self.series["control_plane_flat"] = {f"{n} {k}": v.to_dict() for (n, k), v in s.items()}
+
     def run(self) -> None:
         self.setup()
         self.throughput_same_node_and_service()
