@@ -38,15 +38,18 @@ def _sid(value: Frozen) -> int:
 
 
 def _shape(spec: MaglevSpec) -> tuple:
-    return (spec.table_size, spec.backends)
+    """What makes a table distinct: its backends (the model derives the size from their count;
+    the spec's own tuple, so counting tables allocates nothing per port)."""
+    return spec.backends
 
 
 class Capacity:
     def __init__(self, limits: dict[str, int]):
         """limits: usable entries per map of LIMITED (a map left out is not limited)."""
         self.limits = dict(limits)
+        # Mirrors of the desired frontends and specs (references to the model's values, no
+        # copies); per-port frontend lists are derived by a scan, only while overflowing.
         self.fronts: dict[Frozen, Frozen] = {}       # services key -> value (the desired frontends)
-        self.sid_fronts: dict[int, set] = {}         # service-port id -> its frontend keys
         self.specs: dict[int, MaglevSpec] = {}       # service-port id -> its Maglev spec (its backends)
         self.shapes: dict[tuple, int] = {}           # distinct tables -> how many ports use each
         self.backends = 0                            # sum of len(spec.backends)
@@ -55,16 +58,12 @@ class Capacity:
 
     # ---------------------------------------------------------------- bookkeeping
     def _track(self, changes: dict) -> None:
+        fronts = self.fronts
         for key, value in changes.get("services", {}).items():
-            old = self.fronts.pop(key, None)
-            if old is not None:
-                keys = self.sid_fronts[_sid(old)]
-                keys.discard(key)
-                if not keys:
-                    del self.sid_fronts[_sid(old)]
-            if value is not None:
-                self.fronts[key] = value
-                self.sid_fronts.setdefault(_sid(value), set()).add(key)
+            if value is None:
+                fronts.pop(key, None)
+            else:
+                fronts[key] = value
         for sid, spec in changes.get(MAGLEV, {}).items():
             old = self.specs.pop(sid, None)
             if old is not None:
@@ -84,6 +83,15 @@ class Capacity:
     def _fits(self, needed: dict[str, int]) -> bool:
         return all(needed[m] <= self.limits[m] for m in self.limits)
 
+    def _sid_fronts(self, sids=None) -> dict[int, list]:
+        """service-port id -> its frontend keys (of `sids` only, if given): one scan."""
+        out: dict[int, list] = {}
+        for key, value in self.fronts.items():
+            sid = _sid(value)
+            if sids is None or sid in sids:
+                out.setdefault(sid, []).append(key)
+        return out
+
     def _choose(self) -> set[int]:
         """The refused service ports: every port in id order takes its frontends, backends and
         (if no admitted port has the same backend set) a table, while all three fit."""
@@ -91,9 +99,10 @@ class Capacity:
         tables: set[tuple] = set()
         lim = {m: self.limits.get(m, float("inf")) for m in LIMITED}
         refused = set()
-        for sid in sorted(self.specs.keys() | self.sid_fronts.keys()):
+        fronts = self._sid_fronts()
+        for sid in sorted(self.specs.keys() | fronts.keys()):
             spec = self.specs.get(sid)
-            s = used["services"] + len(self.sid_fronts.get(sid, ()))
+            s = used["services"] + len(fronts.get(sid, ()))
             b = used["backends"] + (len(spec.backends) if spec else 0)
             new_table = spec is not None and _shape(spec) not in tables
             if s <= lim["services"] and b <= lim["backends"] and len(tables) + new_table <= lim[MAGLEV]:
@@ -104,10 +113,10 @@ class Capacity:
                 refused.add(sid)
         return refused
 
-    def _port_entries(self, sid: int, present: bool) -> dict:
+    def _port_entries(self, sid: int, present: bool, fronts: dict[int, list]) -> dict:
         """A service port's whole contribution (present) or its removal (not present)."""
         out: dict = {"services": {}, "backends": {}, MAGLEV: {}}
-        for key in self.sid_fronts.get(sid, ()):
+        for key in fronts.get(sid, ()):
             out["services"][key] = self.fronts[key] if present else None
         spec = self.specs.get(sid)
         if spec is not None:
@@ -143,8 +152,9 @@ class Capacity:
             for sid, spec in out.get(MAGLEV, {}).items():
                 if spec is not None and sid in refused:
                     out[MAGLEV][sid] = None
+        fronts = self._sid_fronts(newly_refused | newly_admitted) if newly_refused or newly_admitted else {}
         for sid, present in [*((s, False) for s in newly_refused), *((s, True) for s in newly_admitted)]:
-            for name, entries in self._port_entries(sid, present).items():
+            for name, entries in self._port_entries(sid, present, fronts).items():
                 out.setdefault(name, {}).update(entries)
         return out
 
