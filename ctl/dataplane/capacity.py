@@ -53,7 +53,9 @@ class Capacity:
         self.fronts: dict[Frozen, Frozen] = {}       # services key -> value (the desired frontends)
         self.nfronts: dict[int, int] = {}            # service-port id -> how many frontends it has
         self.specs: dict[int, MaglevSpec] = {}       # service-port id -> its Maglev spec (its backends)
-        self.shapes: dict[tuple, int] = {}           # distinct tables -> how many ports use each
+        self.shapes: dict[tuple, list] = {}          # distinct tables -> [table number, ports using it]
+        self.table_of: dict[int, int] = {}           # service-port id -> its table's number (an int:
+        self._next_table = 0                         # the overflow pass compares ints, not backend tuples)
         self.backends = 0                            # sum of len(spec.backends)
         self.refused: set[int] = set()               # service ports not programmed now
         self.overflows: list[Overflow] = []          # what does not fit, per map (empty: all fits)
@@ -77,13 +79,19 @@ class Capacity:
             if old is not None:
                 self.backends -= len(old.backends)
                 shape = _shape(old)
-                self.shapes[shape] -= 1
-                if not self.shapes[shape]:
+                self.shapes[shape][1] -= 1
+                if not self.shapes[shape][1]:
                     del self.shapes[shape]
+                del self.table_of[sid]
             if spec is not None:
                 self.specs[sid] = spec
                 self.backends += len(spec.backends)
-                self.shapes[_shape(spec)] = self.shapes.get(_shape(spec), 0) + 1
+                entry = self.shapes.get(_shape(spec))
+                if entry is None:
+                    entry = self.shapes[_shape(spec)] = [self._next_table, 0]
+                    self._next_table += 1
+                entry[1] += 1
+                self.table_of[sid] = entry[0]
 
     def needed(self) -> dict[str, int]:
         return {"services": len(self.fronts), "backends": self.backends, MAGLEV: len(self.shapes)}
@@ -103,20 +111,21 @@ class Capacity:
     def _choose(self) -> set[int]:
         """The refused service ports: every port in id order takes its frontends, backends and
         (if no admitted port has the same backend set) a table, while all three fit."""
-        used = {"services": 0, "backends": 0}
-        tables: set[tuple] = set()
-        lim = {m: self.limits.get(m, float("inf")) for m in LIMITED}
+        used_s = used_b = 0
+        tables: set[int] = set()
+        lim_s, lim_b, lim_t = (self.limits.get(m, float("inf")) for m in LIMITED)
         refused = set()
-        counts, specs = self.nfronts, self.specs
+        counts, specs, table_of = self.nfronts, self.specs, self.table_of
         for sid in sorted(specs.keys() | counts.keys()):
             spec = specs.get(sid)
-            s = used["services"] + counts.get(sid, 0)
-            b = used["backends"] + (len(spec.backends) if spec else 0)
-            new_table = spec is not None and _shape(spec) not in tables
-            if s <= lim["services"] and b <= lim["backends"] and len(tables) + new_table <= lim[MAGLEV]:
-                used["services"], used["backends"] = s, b
+            s = used_s + counts.get(sid, 0)
+            b = used_b + (len(spec.backends) if spec is not None else 0)
+            table = table_of.get(sid)
+            new_table = table is not None and table not in tables
+            if s <= lim_s and b <= lim_b and len(tables) + new_table <= lim_t:
+                used_s, used_b = s, b
                 if new_table:
-                    tables.add(_shape(spec))
+                    tables.add(table)
             else:
                 refused.add(sid)
         return refused
