@@ -10,8 +10,8 @@ and counted (`map_overflow`, atomnet_map_overflow_*), until the operator raises 
 Capacity sits between the model's drained changes and the reconciler: `filter(changes)`
 returns the changes to write. While everything fits it returns them as they are, after
 O(changes) bookkeeping; once something does not fit, each sync decides again over every
-service port (O(service ports): ~0.1 s a sync at 50 000 in the daemon on this loaded 2-CPU
-machine, its dict lookups over every port; only while overflowing). `admit(desired)`
+service port (O(service ports), one row lookup each: 22-140 ms a change at 50 000 in-process
+on this loaded 2-CPU machine, 111-297 ms with three lookups a port; only while overflowing). `admit(desired)`
 filters a whole desired state the same way (start-up, drift check).
 """
 from __future__ import annotations
@@ -51,38 +51,48 @@ class Capacity:
         # Mirrors of the desired frontends and specs (references to the model's values, no
         # copies); a port's frontend keys are found by a scan, only when it changes side.
         self.fronts: dict[Frozen, Frozen] = {}       # services key -> value (the desired frontends)
-        self.nfronts: dict[int, int] = {}            # service-port id -> how many frontends it has
         self.specs: dict[int, MaglevSpec] = {}       # service-port id -> its Maglev spec (its backends)
         self.shapes: dict[tuple, list] = {}          # distinct tables -> [table number, ports using it]
-        self.table_of: dict[int, int] = {}           # service-port id -> its table's number (an int:
-        self._next_table = 0                         # the overflow pass compares ints, not backend tuples)
+        self._next_table = 0
+        # What the overflow pass reads of each port, in one place (one lookup a port, ints
+        # only): service-port id -> [frontends, backends, table number or -1]; and the ids in
+        # order, kept until a port comes or goes.
+        self.rows: dict[int, list] = {}
+        self._order: list[int] | None = None
         self.backends = 0                            # sum of len(spec.backends)
         self.refused: set[int] = set()               # service ports not programmed now
         self.overflows: list[Overflow] = []          # what does not fit, per map (empty: all fits)
 
     # ---------------------------------------------------------------- bookkeeping
     def _track(self, changes: dict) -> None:
-        fronts, counts = self.fronts, self.nfronts
+        rows, touched = self.rows, []
+
+        def row(sid: int) -> list:
+            r = rows.get(sid)
+            if r is None:
+                r = rows[sid] = [0, 0, -1]
+                self._order = None
+            touched.append(sid)
+            return r
+
+        fronts = self.fronts
         for key, value in changes.get("services", {}).items():
             old = fronts.pop(key, None)
             if old is not None:
-                sid = _sid(old)
-                counts[sid] -= 1
-                if not counts[sid]:
-                    del counts[sid]
+                row(_sid(old))[0] -= 1
             if value is not None:
                 fronts[key] = value
-                sid = _sid(value)
-                counts[sid] = counts.get(sid, 0) + 1
+                row(_sid(value))[0] += 1
         for sid, spec in changes.get(MAGLEV, {}).items():
             old = self.specs.pop(sid, None)
+            r = row(sid)
             if old is not None:
                 self.backends -= len(old.backends)
                 shape = _shape(old)
                 self.shapes[shape][1] -= 1
                 if not self.shapes[shape][1]:
                     del self.shapes[shape]
-                del self.table_of[sid]
+                r[1], r[2] = 0, -1
             if spec is not None:
                 self.specs[sid] = spec
                 self.backends += len(spec.backends)
@@ -91,7 +101,12 @@ class Capacity:
                     entry = self.shapes[_shape(spec)] = [self._next_table, 0]
                     self._next_table += 1
                 entry[1] += 1
-                self.table_of[sid] = entry[0]
+                r[1], r[2] = len(spec.backends), entry[0]
+        for sid in touched:   # a port with neither frontends nor a table is gone
+            r = rows.get(sid)
+            if r is not None and r[0] == 0 and r[2] < 0:
+                del rows[sid]
+                self._order = None
 
     def needed(self) -> dict[str, int]:
         return {"services": len(self.fronts), "backends": self.backends, MAGLEV: len(self.shapes)}
@@ -115,13 +130,13 @@ class Capacity:
         tables: set[int] = set()
         lim_s, lim_b, lim_t = (self.limits.get(m, float("inf")) for m in LIMITED)
         refused = set()
-        counts, specs, table_of = self.nfronts, self.specs, self.table_of
-        for sid in sorted(specs.keys() | counts.keys()):
-            spec = specs.get(sid)
-            s = used_s + counts.get(sid, 0)
-            b = used_b + (len(spec.backends) if spec is not None else 0)
-            table = table_of.get(sid)
-            new_table = table is not None and table not in tables
+        if self._order is None:
+            self._order = sorted(self.rows)
+        rows = self.rows
+        for sid in self._order:
+            nf, nb, table = rows[sid]
+            s, b = used_s + nf, used_b + nb
+            new_table = table >= 0 and table not in tables
             if s <= lim_s and b <= lim_b and len(tables) + new_table <= lim_t:
                 used_s, used_b = s, b
                 if new_table:
