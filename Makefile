@@ -53,7 +53,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-build: setup $(BPF_OBJS)
+build: setup $(BPF_OBJS) $(VENV)/.launcher
+
+# .venv/bin/atomnet: pip's console script replaced by a launcher of the same entry point that
+# starts Python without site (ctl/launch.py: pod add through the node API needs only the stdlib).
+$(VENV)/.launcher: $(VENV)/.installed ctl/launch.py
+	$(PY) -m ctl.launch atomnet
+	touch $@
 
 # Maglev's populate loop, compiled for the host (ctl/dataplane/native/maglev.c, loaded with ctypes).
 MAGLEV_SO := ctl/dataplane/native/_maglev.so

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from . import launch
 from .errors import AtomnetError
 from .output import emit
 
@@ -218,6 +219,7 @@ def _node_api(args, op: str, api_args: dict):
         return nodeapi.call(nodeapi.socket_path(args.node, args.bpffs), op, args.store, args.node, api_args)
     except nodeapi.Unavailable:
         pass
+    launch.full_environment()   # the in-process work imports pyroute2 and the store clients
     _configure_logs()
     from .runtimes.nodeapi_server import perform
     with _store(args) as store:
@@ -577,9 +579,13 @@ def _configure_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # `light` verbs configure logging only when they do the work here (structlog costs an import)
-    if args.verb not in ("daemon", "docker-plugin") and not getattr(args, "light", False):
-        _configure_logs()
+    # `light` verbs (pod add/del) start on the standard library alone and complete the
+    # environment (site, logging: structlog) only when they do the work here; the others need
+    # both, the daemon and the Docker plugin configure their own logging.
+    if not getattr(args, "light", False):
+        launch.full_environment()
+        if args.verb not in ("daemon", "docker-plugin"):
+            _configure_logs()
     try:
         args.func(args)
         return 0
