@@ -21,8 +21,9 @@ from .defaults import DEFAULT_BPFFS, DEFAULT_STORE
 class Parser(argparse.ArgumentParser):
     """argparse's parser with one-line errors, and filled on first use: `fill(parser)` adds
     its arguments (or a group's verbs) when it parses, or prints its help or usage, so a
-    command builds the parsers on its own path only (all of them cost ~8 ms, more than the
-    rest of a pod add's client start-up). Help and errors are the same as built eagerly."""
+    command builds the parsers on its own path only (pod add: 5.5 ms of CPU to build and
+    parse instead of 8.5 ms with all ~50 built). Help and errors are the same as built whole
+    (tests/unit/test_cli.py)."""
 
     def __init__(self, *args, fill=None, **kwargs):
         super().__init__(*args, **kwargs)
