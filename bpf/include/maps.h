@@ -95,9 +95,9 @@ struct {
 
 /* Preallocated: without it every new key takes its per-CPU value from the kernel's per-CPU
  * allocator, ~15 us of CPU each plus waits for its background populating (100 000 keys of
- * a 10 000-service apply: 1.6 s of CPU, 3.3 s wall on an idle 2-CPU machine, ~9 s under
- * load; preallocated: 0.1 s). The price is kernel memory reserved up front: 30 MiB here
- * (memlock, 2 CPUs), 4 MiB more per CPU. */
+ * a 10 000-service apply: 1.6 s of CPU, 3.3 s wall standalone on this 2-CPU machine at load
+ * ~6, 9-11 s inside a sync; preallocated: 0.04 s of CPU). The price is kernel memory reserved
+ * up front: 30 MiB here (memlock, 2 CPUs), 4 MiB of it per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__type(key, struct backend_key);
