@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import resource
 import tempfile
 import time
 import uuid
@@ -107,12 +108,19 @@ class Bench:
     def atomnet_apply(self, node: Node, docs: list[dict], min_changes: int, prune: bool = False,
                       timeout: float = 600) -> dict:
         """`atomnet apply -f` (the store write), then the daemon's "reconciled" event that
-        carries it: wall = apply start -> that event's timestamp; reconcile = its `seconds`."""
+        carries it: wall = apply start -> that event's timestamp; reconcile = its `seconds`;
+        cli = the CLI's run (start -> exit); and CPU seconds, which a loaded machine inflates
+        less than wall time: cli_cpu the CLI's, daemon_cpu the daemon's (all its threads) from
+        the CLI's start until the event is seen (the polling adds up to 10 ms)."""
         path = node.rig.tmp / f"apply-{uuid.uuid4().hex[:6]}.json"
         path.write_text(json.dumps(docs))
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        d0 = cpu_seconds(node.daemon.pid) if node.daemon else 0.0
         t0 = time.time()
         node.atomnet("apply", *(["--prune"] if prune else []), "-f", path, timeout=timeout)
         cli = time.time() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)   # nsenter execs the CLI: its child is the CLI
+        cli_cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in node.log_path.read_text().splitlines():
@@ -121,7 +129,8 @@ class Bench:
                 ev = json.loads(line)
                 if ev["changes"] >= min_changes and _log_time(line) >= t0:
                     return {"cli": cli, "reconcile": ev["seconds"], "wall": _log_time(line) - t0,
-                            "changes": ev["changes"]}
+                            "changes": ev["changes"], "cli_cpu": cli_cpu,
+                            "daemon_cpu": cpu_seconds(node.daemon.pid) - d0 if node.daemon else None}
             if node.daemon is None or node.daemon.poll() is not None:
                 raise AssertionError(f"daemon on {node.name} exited: {node.log_path.read_text()[-2000:]}")
             time.sleep(0.01)

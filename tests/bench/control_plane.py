@@ -171,8 +171,10 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
             out["idle"] = (cpu_seconds(node.daemon.pid) - before) / idle_window
         mem = memory_kib(node.daemon.pid)
         out["rss_end_mib"] = mem["VmRSS"] / 1024
-        log(f"  cp node n={n} nb={nb}: program {out['program']['wall']:.2f}s (reconcile "
-            f"{out['program']['reconcile']:.2f}s), change p50 {out['change_p50'] * 1000:.1f} ms p99 "
+        prog = out["program"]
+        log(f"  cp node n={n} nb={nb}: program {prog['wall']:.2f}s (CLI {prog['cli']:.2f}s, watch + dispatch "
+            f"{prog['wall'] - prog['cli'] - prog['reconcile']:.2f}s, reconcile {prog['reconcile']:.2f}s; CPU: CLI "
+            f"{prog['cli_cpu']:.2f}s, daemon {prog['daemon_cpu']:.2f}s), change p50 {out['change_p50'] * 1000:.1f} ms p99 "
             f"{out['change_p99'] * 1000:.1f} ms (store write alone p50 {out['write_p50'] * 1000:.1f} ms), RSS {out['rss_mib']:.0f} MiB"
             + (f", scrape {out['scrape'] * 1000:.0f} ms" if "scrape" in out else "")
             + (f", idle {out['idle'] * 100:.2f}%" if "idle" in out else ""))
