@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 
+from . import launch
 from .errors import AtomnetError
 from .output import emit
 
@@ -18,6 +19,31 @@ from .defaults import DEFAULT_BPFFS, DEFAULT_STORE
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors, and filled on first use: `fill(parser)` adds
+    its arguments (or a group's verbs) when it parses, or prints its help or usage, so a
+    command builds the parsers on its own path only (pod add: 5.5 ms of CPU to build and
+    parse instead of 8.5 ms with all ~50 built). Help and errors are the same as built whole
+    (tests/unit/test_cli.py)."""
+
+    def __init__(self, *args, fill=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def filled(self) -> "Parser":
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(Parser, self.filled()).parse_known_args(args, namespace)
+
+    def format_usage(self):
+        return super(Parser, self.filled()).format_usage()
+
+    def format_help(self):
+        return super(Parser, self.filled()).format_help()
+
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
@@ -35,143 +61,173 @@ def _globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("-j", "--json", action="store_true", default=d(False), help="JSON output")
 
 
+def verb(parent, name: str, help_text: str, func, args=None, **defaults) -> None:
+    """A verb run by `func(args)`: the global flags (suppressed: given before the verb they
+    keep their value), then what `args(parser)` adds."""
+    def fill(sub: Parser) -> None:
+        _globals(sub, suppress=True)
+        sub.set_defaults(func=func, **defaults)
+        if args is not None:
+            args(sub)
+    parent.add_parser(name, help=help_text, fill=fill)
+
+
+def group(parent, name: str, help_text: str, verbs) -> None:
+    """A verb with actions (`atomnet pod add`): `verbs(subparsers)` adds them."""
+    parent.add_parser(name, help=help_text, fill=lambda g: verbs(
+        g.add_subparsers(dest="action", required=True, parser_class=Parser)))
+
+
 def build_parser() -> Parser:
-    """Every verb's parser, each bound to its handler with set_defaults(func=...)."""
-    common = Parser(add_help=False)
-    _globals(common, suppress=True)
+    """Every verb's parser, each bound to its handler with set_defaults(func=...), built when used."""
     p = Parser(prog="atomnet", description="eBPF container networking: pods, overlay, services, forwards")
     _globals(p, suppress=False)
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
-    def verb(parent, name, help_text, func):
-        sub = parent.add_parser(name, help=help_text, parents=[common])
-        sub.set_defaults(func=func)
-        return sub
+    def network_init(a):
+        a.add_argument("--cidr", required=True)
+        a.add_argument("--subnet-len", type=int, default=24)
+        a.add_argument("--service-cidr", default="10.96.0.0/12")
+        a.add_argument("--cluster-domain", default="cluster.local", help="the cluster DNS domain")
+        a.add_argument("--dns-vip", help="the cluster DNS address (default: the service CIDR's 10th address)")
+        a.add_argument("--masquerade", choices=["on", "off"], default=None,
+                       help="SNAT pod traffic leaving the cluster to the node's address (default on; "
+                            "given again later, changes it live)")
+        a.add_argument("--no-masquerade-cidr", action="append", default=None, metavar="CIDR",
+                       help="destinations pods reach with their own address (repeatable; replaces the stored list)")
 
-    net = verbs.add_parser("network", help="cluster network").add_subparsers(dest="action", required=True, parser_class=Parser)
-    init = verb(net, "init", "write the cluster network config (flannel format)", _network_init)
-    init.add_argument("--cidr", required=True)
-    init.add_argument("--subnet-len", type=int, default=24)
-    init.add_argument("--service-cidr", default="10.96.0.0/12")
-    init.add_argument("--cluster-domain", default="cluster.local", help="the cluster DNS domain")
-    init.add_argument("--dns-vip", help="the cluster DNS address (default: the service CIDR's 10th address)")
-    init.add_argument("--masquerade", choices=["on", "off"], default=None,
-                      help="SNAT pod traffic leaving the cluster to the node's address (default on; "
-                           "given again later, changes it live)")
-    init.add_argument("--no-masquerade-cidr", action="append", default=None, metavar="CIDR",
-                      help="destinations pods reach with their own address (repeatable; replaces the stored list)")
-    verb(net, "show", "show the network config and this node's subnet", _network_show)
+    def network(g):
+        verb(g, "init", "write the cluster network config (flannel format)", _network_init, network_init)
+        verb(g, "show", "show the network config and this node's subnet", _network_show)
+    group(verbs, "network", "cluster network", network)
 
-    d = verb(verbs, "daemon", "run the node's controller (root)", _daemon)
-    d.add_argument("--uplink", help="the node's uplink interface")
-    d.add_argument("--public-ip", help="this node's address on the underlay")
-    d.add_argument("--metrics", help="serve Prometheus metrics on [HOST]:PORT, unauthenticated; no HOST means "
-                   "127.0.0.1 (give 0.0.0.0 or an address to expose it)")
-    d.add_argument("--log-format", choices=["json", "console"], default="json")
-    d.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    d.add_argument("--debug-events", action="store_true",
-                   help="programs also report every translation decision to `atomnet monitor`")
-    d.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
-                   help="subnet lease TTL (flannel: 86400)")
-    d.add_argument("--lease-renew-margin", type=float, default=None, metavar="SECONDS",
-                   help="renew this long before expiry (flannel: 3600; at most half the TTL)")
-    d.add_argument("--upstream", action="append", default=[], metavar="IP[:PORT]",
-                   help="resolver for names outside the cluster (repeatable; default: /etc/resolv.conf's)")
-    d.add_argument("--dns-ttl", type=int, default=30, metavar="SECONDS", help="TTL of service and node names")
-    d.add_argument("--dns-pod-ttl", type=int, default=5, metavar="SECONDS", help="TTL of pod and forward names")
-    # Cilium's agent flags (ctl/dataplane/mapsizes.py); each also from ATOMNET_BPF_LB_..._MAX
-    d.add_argument("--bpf-lb-map-max", metavar="N", default=None,
-                   help="entries of the services and Maglev maps, 4 x N of the backends map (env "
-                        "ATOMNET_BPF_LB_MAP_MAX; default: the compiled 65536 / 262144)")
-    d.add_argument("--bpf-lb-service-map-max", metavar="N", default=None,
-                   help="entries of the services map (frontends; overrides --bpf-lb-map-max)")
-    d.add_argument("--bpf-lb-service-backend-map-max", metavar="N", default=None,
-                   help="entries of the backends map (one per service port and backend)")
-    d.add_argument("--bpf-lb-maglev-map-max", metavar="N", default=None,
-                   help="entries of the Maglev map (one per distinct backend set)")
-    dnsv = verbs.add_parser("dns", help="cluster DNS").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(dnsv, "list", "every name this node's DNS answers from the cluster state", _dns_list)
-    dq = verb(dnsv, "query", "ask this node's DNS server (UDP, TCP on truncation)", _dns_query)
-    dq.add_argument("name")
-    dq.add_argument("type", nargs="?", default="A")
-    dq.add_argument("--tcp", action="store_true", help="query over TCP")
+    def daemon(a):
+        a.add_argument("--uplink", help="the node's uplink interface")
+        a.add_argument("--public-ip", help="this node's address on the underlay")
+        a.add_argument("--metrics", help="serve Prometheus metrics on [HOST]:PORT, unauthenticated; no HOST means "
+                       "127.0.0.1 (give 0.0.0.0 or an address to expose it)")
+        a.add_argument("--log-format", choices=["json", "console"], default="json")
+        a.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+        a.add_argument("--debug-events", action="store_true",
+                       help="programs also report every translation decision to `atomnet monitor`")
+        a.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
+                       help="subnet lease TTL (flannel: 86400)")
+        a.add_argument("--lease-renew-margin", type=float, default=None, metavar="SECONDS",
+                       help="renew this long before expiry (flannel: 3600; at most half the TTL)")
+        a.add_argument("--upstream", action="append", default=[], metavar="IP[:PORT]",
+                       help="resolver for names outside the cluster (repeatable; default: /etc/resolv.conf's)")
+        a.add_argument("--dns-ttl", type=int, default=30, metavar="SECONDS", help="TTL of service and node names")
+        a.add_argument("--dns-pod-ttl", type=int, default=5, metavar="SECONDS", help="TTL of pod and forward names")
+        # Cilium's agent flags (ctl/dataplane/mapsizes.py); each also from ATOMNET_BPF_LB_..._MAX
+        a.add_argument("--bpf-lb-map-max", metavar="N", default=None,
+                       help="entries of the services and Maglev maps, 4 x N of the backends map (env "
+                            "ATOMNET_BPF_LB_MAP_MAX; default: the compiled 65536 / 262144)")
+        a.add_argument("--bpf-lb-service-map-max", metavar="N", default=None,
+                       help="entries of the services map (frontends; overrides --bpf-lb-map-max)")
+        a.add_argument("--bpf-lb-service-backend-map-max", metavar="N", default=None,
+                       help="entries of the backends map (one per service port and backend)")
+        a.add_argument("--bpf-lb-maglev-map-max", metavar="N", default=None,
+                       help="entries of the Maglev map (one per distinct backend set)")
+    verb(verbs, "daemon", "run the node's controller (root)", _daemon, daemon)
 
-    dp = verb(verbs, "docker-plugin", "serve Docker's remote network + IPAM driver \"atomnet\" (root)", _docker_plugin)
-    dp.add_argument("--socket", default=os.environ.get("ATOMNET_DOCKER_SOCKET", "/run/docker/plugins/atomnet.sock"),
-                    help="unix socket Docker finds the plugin by (env ATOMNET_DOCKER_SOCKET)")
-    dp.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///run/docker.sock"),
-                    help="dockerd's API, to learn each endpoint's container name and labels (env DOCKER_HOST)")
-    dp.add_argument("--log-format", choices=["json", "console"], default="json")
-    dp.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    def dns_query(a):
+        a.add_argument("name")
+        a.add_argument("type", nargs="?", default="A")
+        a.add_argument("--tcp", action="store_true", help="query over TCP")
 
-    pod = verbs.add_parser("pod", help="pods").add_subparsers(dest="action", required=True, parser_class=Parser)
-    add = verb(pod, "add", "create a pod: namespace, veth, address", _pod_add)
-    add.set_defaults(light=True)
-    add.add_argument("name")
-    add.add_argument("--label", action="append", default=[], metavar="K=V")
-    add.add_argument("--netns", help="use this existing namespace (path or name under /run/netns)")
-    rm = verb(pod, "del", "delete a pod (idempotent)", _pod_del)
-    rm.set_defaults(light=True)
-    rm.add_argument("name")
-    verb(pod, "list", "list pods", _pod_list)
+    def dns(g):
+        verb(g, "list", "every name this node's DNS answers from the cluster state", _dns_list)
+        verb(g, "query", "ask this node's DNS server (UDP, TCP on truncation)", _dns_query, dns_query)
+    group(verbs, "dns", "cluster DNS", dns)
 
-    svc = verbs.add_parser("service", help="services").add_subparsers(dest="action", required=True, parser_class=Parser)
-    sadd = verb(svc, "add", "create a service: a stable VIP load-balanced to pods", _service_add)
-    sadd.add_argument("name")
-    sadd.add_argument("--port", action="append", required=True, metavar="PORT[:TARGET][/tcp|udp]")
-    sadd.add_argument("--vip", help="a free address in the service CIDR (default: allocated)")
-    sadd.add_argument("--backend", action="append", default=[], metavar="POD[:PORT]")
-    sadd.add_argument("--selector", action="append", default=[], metavar="K=V")
-    sadd.add_argument("--affinity", metavar="client-ip[:SECONDS]")
-    sadd.add_argument("--node-port", metavar="auto|N", help="also publish on every node's address (NodePort)")
-    sdel = verb(svc, "del", "delete a service (idempotent)", _service_del)
-    sdel.add_argument("name")
-    verb(svc, "list", "list services", _service_list)
-    sshow = verb(svc, "show", "one service with its resolved backends", _service_show)
-    sshow.add_argument("name")
-    fwd = verbs.add_parser("forward", help="port forwarding").add_subparsers(dest="action", required=True,
-                                                                            parser_class=Parser)
-    fadd = verb(fwd, "add", "publish a pod port on this node (like docker run -p)", _forward_add)
-    fadd.add_argument("target", metavar="POD:PORT")
-    fadd.add_argument("--host-port", default="auto", metavar="N|auto")
-    fadd.add_argument("--host-ip", help="an address of this node (default: its public IP)")
-    fadd.add_argument("--proto", default="tcp", help="tcp or udp")
-    fdel = verb(fwd, "del", "remove a forward (idempotent)", _forward_del)
-    fdel.add_argument("id")
-    verb(fwd, "list", "list forwards", _forward_list)
-    cni = verbs.add_parser("cni", help="CNI plugin").add_subparsers(dest="action", required=True, parser_class=Parser)
-    cinst = verb(cni, "install", "install the CNI plugin and the \"atomnet\" conflist for this node", _cni_install)
-    cinst.add_argument("--bin-dir", default="/opt/cni/bin", help="the runtime's CNI plugin dir")
-    cinst.add_argument("--conf-dir", default="/etc/cni/net.d", help="the runtime's CNI config dir")
-    ap = verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}", _apply)
-    ap.add_argument("-f", "--file", required=True, help="FILE, or - for standard input")
-    ap.add_argument("--prune", action="store_true", help="delete services the file no longer lists")
+    def docker_plugin(a):
+        a.add_argument("--socket", default=os.environ.get("ATOMNET_DOCKER_SOCKET", "/run/docker/plugins/atomnet.sock"),
+                       help="unix socket Docker finds the plugin by (env ATOMNET_DOCKER_SOCKET)")
+        a.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///run/docker.sock"),
+                       help="dockerd's API, to learn each endpoint's container name and labels (env DOCKER_HOST)")
+        a.add_argument("--log-format", choices=["json", "console"], default="json")
+        a.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    verb(verbs, "docker-plugin", "serve Docker's remote network + IPAM driver \"atomnet\" (root)", _docker_plugin,
+         docker_plugin)
 
-    prog = verbs.add_parser("prog", help="BPF programs").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(prog, "show", "programs pinned by atomnet on this node", _prog_show)
-    netv = verbs.add_parser("net", help="attachments").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(netv, "show", "tc BPF attachments on this node's links", _net_show)
-    mp = verbs.add_parser("map", help="BPF maps").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(mp, "list", "maps pinned by atomnet", _map_list)
-    dump = verb(mp, "dump", "decoded entries of a map", _map_dump)
-    dump.add_argument("name")
-    ep = verbs.add_parser("endpoint", help="endpoints").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(ep, "list", "pods programmed in this node's dataplane", _endpoint_list)
+    def pod_add(a):
+        a.add_argument("name")
+        a.add_argument("--label", action="append", default=[], metavar="K=V")
+        a.add_argument("--netns", help="use this existing namespace (path or name under /run/netns)")
+
+    def pod(g):
+        verb(g, "add", "create a pod: namespace, veth, address", _pod_add, pod_add, light=True)
+        verb(g, "del", "delete a pod (idempotent)", _pod_del, lambda a: a.add_argument("name"), light=True)
+        verb(g, "list", "list pods", _pod_list)
+    group(verbs, "pod", "pods", pod)
+
+    def service_add(a):
+        a.add_argument("name")
+        a.add_argument("--port", action="append", required=True, metavar="PORT[:TARGET][/tcp|udp]")
+        a.add_argument("--vip", help="a free address in the service CIDR (default: allocated)")
+        a.add_argument("--backend", action="append", default=[], metavar="POD[:PORT]")
+        a.add_argument("--selector", action="append", default=[], metavar="K=V")
+        a.add_argument("--affinity", metavar="client-ip[:SECONDS]")
+        a.add_argument("--node-port", metavar="auto|N", help="also publish on every node's address (NodePort)")
+
+    def service(g):
+        verb(g, "add", "create a service: a stable VIP load-balanced to pods", _service_add, service_add)
+        verb(g, "del", "delete a service (idempotent)", _service_del, lambda a: a.add_argument("name"))
+        verb(g, "list", "list services", _service_list)
+        verb(g, "show", "one service with its resolved backends", _service_show, lambda a: a.add_argument("name"))
+    group(verbs, "service", "services", service)
+
+    def forward_add(a):
+        a.add_argument("target", metavar="POD:PORT")
+        a.add_argument("--host-port", default="auto", metavar="N|auto")
+        a.add_argument("--host-ip", help="an address of this node (default: its public IP)")
+        a.add_argument("--proto", default="tcp", help="tcp or udp")
+
+    def forward(g):
+        verb(g, "add", "publish a pod port on this node (like docker run -p)", _forward_add, forward_add)
+        verb(g, "del", "remove a forward (idempotent)", _forward_del, lambda a: a.add_argument("id"))
+        verb(g, "list", "list forwards", _forward_list)
+    group(verbs, "forward", "port forwarding", forward)
+
+    def cni_install(a):
+        a.add_argument("--bin-dir", default="/opt/cni/bin", help="the runtime's CNI plugin dir")
+        a.add_argument("--conf-dir", default="/etc/cni/net.d", help="the runtime's CNI config dir")
+    group(verbs, "cni", "CNI plugin", lambda g: verb(
+        g, "install", "install the CNI plugin and the \"atomnet\" conflist for this node", _cni_install, cni_install))
+
+    def apply(a):
+        a.add_argument("-f", "--file", required=True, help="FILE, or - for standard input")
+        a.add_argument("--prune", action="store_true", help="delete services the file no longer lists")
+    verb(verbs, "apply", "declarative bulk: a JSON/YAML list of {kind: service, ...}", _apply, apply)
+
+    group(verbs, "prog", "BPF programs", lambda g: verb(g, "show", "programs pinned by atomnet on this node", _prog_show))
+    group(verbs, "net", "attachments", lambda g: verb(g, "show", "tc BPF attachments on this node's links", _net_show))
+
+    def maps(g):
+        verb(g, "list", "maps pinned by atomnet", _map_list)
+        verb(g, "dump", "decoded entries of a map", _map_dump, lambda a: a.add_argument("name"))
+    group(verbs, "map", "BPF maps", maps)
+    group(verbs, "endpoint", "endpoints",
+          lambda g: verb(g, "list", "pods programmed in this node's dataplane", _endpoint_list))
     verb(verbs, "stats", "dataplane counters: deliveries and drops by reason, per-service traffic", _stats)
-    lb = verbs.add_parser("lb", help="load balancer").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(lb, "list", "service frontends -> backends, with per-backend counters", _lb_list)
-    exp = verb(verbs, "explain", "run the real program on a synthetic packet from a pod (changes nothing)", _explain)
-    exp.add_argument("--from", dest="from_pod", required=True, metavar="POD")
-    exp.add_argument("--to", required=True, metavar="IP:PORT[/tcp|udp]")
-    exp.add_argument("--sport", type=int, help="source port of the synthetic packet (default: random)")
-    mon = verb(verbs, "monitor", "live dataplane events: drops with their reason, translations (debug)", _monitor)
-    mon.add_argument("--count", type=int, help="stop after N events")
-    mon.add_argument("--duration", type=float, help="stop after SECONDS")
-    tun = verbs.add_parser("tunnel", help="overlay").add_subparsers(dest="action", required=True, parser_class=Parser)
-    verb(tun, "list", "remote subnets reached through the VXLAN overlay", _tunnel_list)
-    ctv = verbs.add_parser("ct", help="conntrack").add_subparsers(dest="action", required=True, parser_class=Parser)
-    ctl = verb(ctv, "list", "translated flows: tuple, translation, age, flags", _ct_list)
-    ctl.add_argument("--nat", action="store_true", help="masqueraded flows only: pod tuple -> node IP:port")
+    group(verbs, "lb", "load balancer",
+          lambda g: verb(g, "list", "service frontends -> backends, with per-backend counters", _lb_list))
+
+    def explain(a):
+        a.add_argument("--from", dest="from_pod", required=True, metavar="POD")
+        a.add_argument("--to", required=True, metavar="IP:PORT[/tcp|udp]")
+        a.add_argument("--sport", type=int, help="source port of the synthetic packet (default: random)")
+    verb(verbs, "explain", "run the real program on a synthetic packet from a pod (changes nothing)", _explain, explain)
+
+    def monitor(a):
+        a.add_argument("--count", type=int, help="stop after N events")
+        a.add_argument("--duration", type=float, help="stop after SECONDS")
+    verb(verbs, "monitor", "live dataplane events: drops with their reason, translations (debug)", _monitor, monitor)
+    group(verbs, "tunnel", "overlay",
+          lambda g: verb(g, "list", "remote subnets reached through the VXLAN overlay", _tunnel_list))
+    group(verbs, "ct", "conntrack", lambda g: verb(
+        g, "list", "translated flows: tuple, translation, age, flags", _ct_list,
+        lambda a: a.add_argument("--nat", action="store_true", help="masqueraded flows only: pod tuple -> node IP:port")))
     return p
 
 
@@ -228,6 +284,7 @@ def _node_api(args, op: str, api_args: dict):
         return nodeapi.call(nodeapi.socket_path(args.node, args.bpffs), op, args.store, args.node, api_args)
     except nodeapi.Unavailable:
         pass
+    launch.full_environment()   # the in-process work imports pyroute2 and the store clients
     _configure_logs()
     from .runtimes.nodeapi_server import perform
     with _store(args) as store:
@@ -449,7 +506,6 @@ def _service_show(args) -> None:
 
 
 def _apply(args) -> None:
-    from .node import forwards as fwdlib
     from .state import services as svclib
     text = sys.stdin.read() if args.file == "-" else _read_file(args.file)
     docs = svclib.parse_documents(text)
@@ -464,8 +520,10 @@ def _apply(args) -> None:
         # the file lists. Forwards are checked against this node's kernel: this node's only.
         node_ports = {(str(p.get("proto", "tcp")).lower(), p["node_port"]) for d in services
                       for p in d.get("ports") or () if isinstance(p, dict) and p.get("node_port")}
-        plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune,
-                                 node_ports=node_ports) if forwards else None
+        plan = None
+        if forwards:   # imported only then: it brings pyroute2 (~0.15 s of a services-only apply)
+            from .node import forwards as fwdlib
+            plan = fwdlib.plan_apply(store, args.node, forwards, prune=args.prune, node_ports=node_ports)
         result = svclib.apply(store, services, prune=args.prune) if services else {}
         if plan:
             result["forwards"] = fwdlib.apply_plan(store, plan)
@@ -593,9 +651,13 @@ def _configure_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # `light` verbs configure logging only when they do the work here (structlog costs an import)
-    if args.verb not in ("daemon", "docker-plugin") and not getattr(args, "light", False):
-        _configure_logs()
+    # `light` verbs (pod add/del) start on the standard library alone and complete the
+    # environment (site, logging: structlog) only when they do the work here; the others need
+    # both, the daemon and the Docker plugin configure their own logging.
+    if not getattr(args, "light", False):
+        launch.full_environment()
+        if args.verb not in ("daemon", "docker-plugin"):
+            _configure_logs()
     try:
         args.func(args)
         return 0

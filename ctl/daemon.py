@@ -32,6 +32,7 @@ import queue
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import structlog
@@ -41,7 +42,7 @@ from .dataplane.bpf import syscalls as sc, tc
 from .dataplane.bpf.loader import Loader, close_loaded, ensure_bpffs
 from .state.cluster import LEASE_RENEW_MARGIN, LEASE_TTL, load_cluster_config, load_network
 from .dataplane.desired import EGRESS, INGRESS, Model, Overlay, compute
-from .dns.records import PREFIXES as NAME_PREFIXES
+from .dns.records import NameIndex
 from .dns.service import DnsService
 from .errors import AtomnetError
 from .observe.metrics import FrontendSeries, Metrics
@@ -86,6 +87,22 @@ def _trim_heap() -> None:
     except (OSError, AttributeError):
         pass
 
+
+
+@contextmanager
+def gc_paused():
+    """The cyclic collector off for one pass (dispatch + sync). A 10 000-service batch allocates
+    millions of long-lived objects, and each full collection the allocations trigger walks all
+    of them (measured: 0.6 s of the pass, 0.34 s of it in dispatch); the objects a pass makes
+    are freed by refcounting, and the collection after a big sync (gc.collect + freeze, in
+    _reconcile) or the next allocation after this block finds any cycle it left."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class Refreshed:
@@ -156,22 +173,25 @@ class Daemon:
         self.subscribe(SUBNETS_PREFIX, self._on_lease)
         self.subscribe(ATOMNET_CONFIG_KEY, self._on_cluster_config)
         self.subscribe(NETWORK_CONFIG_KEY, lambda key, value: None)   # VNI/port: re-read on SIGHUP
-        for prefix in NAME_PREFIXES:   # the cluster's names follow this one watch too (ctl/dns/)
-            self.subscribe(prefix, self.dns.apply)
+        # The cluster's names follow this one watch too (ctl/dns/): fed per batch by _take.
 
     # ---------------------------------------------------------------- store subscriptions
-    def subscribe(self, prefix: str, handler: Callable[[str, str | None], None]) -> None:
+    def subscribe(self, prefix: str, handler: Callable[[str, str | None], object]) -> None:
         """handler(key, value or None) for every change under prefix (main thread). The
-        initial content is delivered the same way, at start."""
+        initial content is delivered the same way, at start. A handler may return the object
+        it decoded the value to (the name index then takes it instead of decoding it again)."""
         self.subscribers.append((prefix, handler))
 
-    def _dispatch(self, key: str, value: str | None) -> None:
+    def _dispatch(self, key: str, value: str | None):
+        """Returns what a handler decoded (None if none did)."""
+        decoded = None
         for prefix, handler in self.subscribers:
             if key.startswith(prefix):
                 try:
-                    handler(key, value)
+                    decoded = handler(key, value) or decoded
                 except (ValidationError, ValueError, TypeError, KeyError) as exc:
                     log.warning("store_value_malformed", key=key, error=str(exc))
+        return decoded
 
     # Store records are untrusted (any node can write any key): each is checked before it can
     # reach the model (ctl/state/validate.py); an invalid one counts as absent, logged once.
@@ -180,10 +200,11 @@ class Daemon:
         pod = validate.screen("pod", key, value, validate.pod, self.network) if value is not None else None
         self.model.set_pod(name, pod)
 
-    def _on_service(self, key: str, value: str | None) -> None:
+    def _on_service(self, key: str, value: str | None) -> Service | None:
         name = key[len(SERVICES_PREFIX):]
         svc = validate.screen("service", key, value, validate.service, self.model.cluster) if value is not None else None
         self.model.set_service(name, svc)
+        return svc   # the name index's too (it would decode the same value again)
 
     def _on_forward(self, key: str, value: str | None) -> None:
         fid = key[len(FORWARDS_PREFIX):]
@@ -240,8 +261,9 @@ class Daemon:
         # Subscribed to link events before the dump: a link that changes in between is reported.
         self.linkwatch = linkwatch.LinkWatch(lambda ifname, link: self.events.put(("link", (ifname, link))))
         self.model.set_links(netplumb.link_table())   # then netlink events keep it current
-        self.load_all()
-        self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
+        with gc_paused():
+            self.load_all()
+            self.reconcile(force_attach=True)   # fills maps, then replaces every attachment
         self.vanished |= self._pods_without_link()   # containers deleted while the daemon was down
         self.loader.commit(self.loaded)    # pins last: the previous generation stays usable until now
         try:   # before dataplane_ready: a node that says it is ready answers names too
@@ -461,12 +483,17 @@ class Daemon:
     def _take(self, item) -> None:
         kind, payload = item
         if kind == "store":
+            names = []
             for ev in payload:
                 if self.refreshed.stale(ev):
                     continue
-                self._dispatch(ev.key, ev.value if ev.type == "put" else None)
-            # Names now, not after the batch window and the reconcile: the index already has
-            # the change (dispatch), the fast path's map gets it here.
+                value = ev.value if ev.type == "put" else None
+                decoded = self._dispatch(ev.key, value)
+                if NameIndex.wants(ev.key):
+                    names.append((ev.key, value, decoded))
+            # Names now, not after the batch window and the reconcile: the index takes the
+            # batch in one pass, the fast path's map gets it here.
+            self.dns.apply_many(names)
             self.dns.flush()
         elif kind == "link":
             self.model.set_link(*payload)
@@ -535,15 +562,16 @@ class Daemon:
                 except queue.Empty:
                     first = None
                 if first is not None:
-                    self._take(first)
-                    # The batching window: take what follows closely, up to BATCH_MAX.
-                    window_end = time.monotonic() + BATCH_MAX
-                    while time.monotonic() < window_end:
-                        try:
-                            self._take(self.events.get(timeout=BATCH_WINDOW))
-                        except queue.Empty:
-                            break
-                    self.reconcile()
+                    with gc_paused():
+                        self._take(first)
+                        # The batching window: take what follows closely, up to BATCH_MAX.
+                        window_end = time.monotonic() + BATCH_MAX
+                        while time.monotonic() < window_end:
+                            try:
+                                self._take(self.events.get(timeout=BATCH_WINDOW))
+                            except queue.Empty:
+                                break
+                        self.reconcile()
                 if time.monotonic() - self.last_drift >= DRIFT_SECONDS:
                     self.last_drift = time.monotonic()
                     self.drift_check()

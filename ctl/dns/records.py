@@ -146,20 +146,30 @@ class NameIndex:
 
     def apply(self, key: str, value: str | None) -> bool:
         """One store change; returns whether the index cared."""
-        if not self.wants(key):
-            return False
+        return self.apply_many([(key, value, None)]) > 0
+
+    def apply_many(self, items) -> int:
+        """Store changes (key, value or None, decoded), in order, under one lock and one
+        generation bump (a 10 000-service apply is one batch); decoded is the object the value
+        decodes to when the caller has it already (the daemon's validated Service), else None
+        (decoded here). Returns how many changes the index cared about."""
+        changed = 0
         with self._lock:
-            if value is None:
-                if self._raw.pop(key, None) is None:
-                    return False
-            else:
-                if self._raw.get(key) == value:
-                    return False
-                self._raw[key] = value
-            if key in (ATOMNET_CONFIG_KEY, NETWORK_CONFIG_KEY):
-                self._rebuild()    # the domain or the zones changed: every name does
-            else:
-                self._refresh(key)
+            for key, value, decoded in items:
+                if not self.wants(key):
+                    continue
+                if value is None:
+                    if self._raw.pop(key, None) is None:
+                        continue
+                else:
+                    if self._raw.get(key) == value:
+                        continue
+                    self._raw[key] = value
+                changed += 1
+                if key in (ATOMNET_CONFIG_KEY, NETWORK_CONFIG_KEY):
+                    self._rebuild()    # the domain or the zones changed: every name does
+                    continue
+                self._refresh(key, decoded)
                 if key.startswith(PODS_PREFIX):    # Docker aliases: see the module's docstring
                     for other in sorted(self._depends.get(key[len(PODS_PREFIX):], ())):
                         if other != key:
@@ -167,11 +177,12 @@ class NameIndex:
                 if key.startswith(NODES_PREFIX):   # published ports point at node names
                     for other in [k for k in self._raw if self._points_at_nodes(k)]:
                         self._refresh(other)
-            self._changed()
-        return True
+            if changed:
+                self._changed()
+        return changed
 
     def apply_events(self, events) -> int:
-        return sum(self.apply(e.key, e.value) for e in events)
+        return self.apply_many((e.key, e.value, None) for e in events)
 
     # ------------------------------------------------------------------ queries
 
@@ -298,7 +309,7 @@ class NameIndex:
         self._owned[""] = []
         self._add("", recs)
 
-    def _refresh(self, key: str) -> None:
+    def _refresh(self, key: str, decoded=None) -> None:
         self._remove(key)
         self._forget(key)
         value = self._raw.get(key)
@@ -306,7 +317,7 @@ class NameIndex:
             return
         self._owned[key] = []
         try:
-            self._add(key, self._records_of(key, value))
+            self._add(key, self._records_of(key, value, decoded))
         except Exception as exc:   # one malformed object: none of its records, keep the rest
             log.warning("dns_object_malformed", key=key, error=f"{type(exc).__name__}: {exc}")
             self._remove(key)
@@ -338,7 +349,8 @@ class NameIndex:
         self._need(key, alias)
         return None if PODS_PREFIX + alias in self._raw else alias   # a pod's own name wins
 
-    def _records_of(self, key: str, value: str) -> list[tuple]:
+    def _records_of(self, key: str, value: str, decoded=None) -> list[tuple]:
+        """decoded: the object value decodes to, when the caller has it (only a Service is taken)."""
         st, pt = self.service_ttl, self.pod_ttl
         if key.startswith(PODS_PREFIX):
             pod = Pod.from_json(value)
@@ -354,7 +366,7 @@ class NameIndex:
                 return []   # a host name that is not one DNS label: no node record
             return [(self._name(node.name, "node"), A, node.public_ip, st)]
         if key.startswith(SERVICES_PREFIX):
-            svc = Service.from_json(value)
+            svc = decoded if isinstance(decoded, Service) else Service.from_json(value)
             name = self._name(svc.name, "svc")
             recs = [(name, A, svc.vip, st), (reverse_name(svc.vip), PTR, name, st)]
             for p in svc.ports:

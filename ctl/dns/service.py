@@ -3,7 +3,8 @@ VIP, the upstreams, what feeds the index, and the BPF fast path's name map it ke
 equal to the index (ctl/dns/fastpath.py; given the daemon's maps).
 
 Two ways to feed it, one at a time:
-  - start(store) and then apply(key, value) from a watch-driven daemon's dispatch, flush()
+  - start(store) and then apply_many(changes) (or apply(key, value)) from a watch-driven
+    daemon's dispatch, one call per batch it took off its watch, flush()
     after each batch it took off its watch (and resync(store) after it had to list again):
     what the daemon does. The change reaches the index as the daemon's main thread takes it,
     before the batching window and the reconcile (so a name never waits for those), and
@@ -109,6 +110,12 @@ class DnsService:
     def apply(self, key: str, value: str | None) -> None:
         """One store change (a daemon's dispatch handler); the fast path learns it at flush()."""
         if self.index.apply(key, value):
+            self._pending = True
+
+    def apply_many(self, items) -> None:
+        """A batch of store changes, (key, value or None, decoded object or None) each: one
+        pass of the index (ctl/dns/records.NameIndex.apply_many); the fast path learns them at flush()."""
+        if self.index.apply_many(items):
             self._pending = True
 
     def flush(self) -> None:

@@ -21,7 +21,6 @@ daemon and clients alike, and `off` disables the API (clients work in-process).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -56,6 +55,7 @@ def socket_path(node: str, bpffs: str = DEFAULT_BPFFS, env: dict | None = None) 
         name += "@" + root.strip("/").replace("/", "_")
     path = f"{API_DIR}/{name}.sock"
     if len(path.encode()) > _SUN_PATH_MAX:
+        import hashlib   # here: its OpenSSL binding costs ~2 ms of every client's start-up
         path = f"{API_DIR}/{hashlib.sha256(name.encode()).hexdigest()[:32]}.sock"
     return path
 

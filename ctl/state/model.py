@@ -14,7 +14,8 @@ import hashlib
 import ipaddress
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 
 from ..errors import AtomnetError
 
@@ -337,6 +338,17 @@ def parse_affinity(text: str | None) -> int:
     return value
 
 
+@cache
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _flat_dict(obj) -> dict:
+    """asdict() of a dataclass whose fields are all scalars: asdict deep-copies every value
+    (recursively, through copy.deepcopy), ~5x slower; 10 000 services are 20 000 of these."""
+    return {name: getattr(obj, name) for name in _field_names(type(obj))}
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -361,8 +373,8 @@ class Service:
     def to_json(self) -> str:
         return json.dumps({
             "name": self.name, "vip": self.vip,
-            "ports": [asdict(p) for p in self.ports],
-            "backends": [asdict(b) for b in self.backends],
+            "ports": [_flat_dict(p) for p in self.ports],
+            "backends": [_flat_dict(b) for b in self.backends],
             "selector": self.selector,
             "affinity": {"client_ip": self.affinity_timeout} if self.affinity_timeout else None,
         }, sort_keys=True)

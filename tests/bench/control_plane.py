@@ -185,8 +185,10 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
             out["idle"] = (cpu_seconds(node.daemon.pid) - before) / idle_window
         mem = memory_kib(node.daemon.pid)
         out["rss_end_mib"] = mem["VmRSS"] / 1024
-        log(f"  cp node n={n} nb={nb}: program {out['program']['wall']:.2f}s (reconcile "
-            f"{out['program']['reconcile']:.2f}s), change p50 {out['change_p50'] * 1000:.1f} ms p99 "
+        prog = out["program"]
+        log(f"  cp node n={n} nb={nb}: program {prog['wall']:.2f}s (CLI {prog['cli']:.2f}s, watch + dispatch "
+            f"{prog['wall'] - prog['cli'] - prog['reconcile']:.2f}s, reconcile {prog['reconcile']:.2f}s; CPU: CLI "
+            f"{prog['cli_cpu']:.2f}s, daemon {prog['daemon_cpu']:.2f}s), change p50 {out['change_p50'] * 1000:.1f} ms p99 "
             f"{out['change_p99'] * 1000:.1f} ms (store write alone p50 {out['write_p50'] * 1000:.1f} ms), RSS {out['rss_mib']:.0f} MiB"
             + (f", scrape {out['scrape'] * 1000:.0f} ms" if "scrape" in out else "")
             + (f", idle {out['idle'] * 100:.2f}%" if "idle" in out else ""))
@@ -204,15 +206,50 @@ def run_node(parent_tmp: Path, uids: list[str], n: int, nb: int, pool: int, chan
 PROBE_LABEL = "bench=podadd"
 
 
+def installed_atomnet() -> list[str]:
+    """The `atomnet` command make build installs (the lean launcher), or why it cannot be timed."""
+    from tests.e2e.rig import INSTALLED_ATOMNET
+    text = INSTALLED_ATOMNET.read_text() if INSTALLED_ATOMNET.exists() else ""
+    if "from ctl.launch import run" not in text:
+        raise AssertionError(f"{INSTALLED_ATOMNET} is not atomnet's launcher: run `make build`")
+    return [str(INSTALLED_ATOMNET)]
+
+
+def daemon_events(node, offset: int, event: str) -> list[dict]:
+    """The daemon's JSON log lines `event` written after byte `offset` of its log."""
+    with open(node.log_path, "rb") as fh:
+        fh.seek(offset)
+        lines = fh.read().decode(errors="replace").splitlines()
+    out = []
+    for line in lines:
+        if f'"event": "{event}"' in line:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def pod_add_ways(command: list[str], module: list[str]) -> list[tuple[str, str, list[str], dict]]:
+    """(result key, pod name tag, command, extra env) of each interleaved way to add a pod."""
+    return [("pod_add", "x", command, {}), ("pod_add_inproc", "y", command, {"ATOMNET_API_SOCKET": "off"}),
+            ("pod_add_module", "z", module, {})]
+
+
 def pod_add_latencies(rig, node, store, maps: Maps, count: int, probe_vip: str, log=print) -> dict:
-    """`atomnet pod add` (CLI start) -> its endpoint in this node's map, and -> a backend of a
-    service on a second node whose selector matches it; each daemon add interleaved with one
-    done in the CLI's process. The second node starts here, so the change timings above ran
-    beside one daemon only; it programs the same N services before the first add."""
+    """`atomnet pod add` (the installed command's start) -> its endpoint in this node's map, and
+    -> a backend of a service on a second node whose selector matches it; each add through the
+    daemon interleaved with one done in the CLI's process and one started as `python -m
+    ctl.cli` (a normal interpreter start, with site: what this row timed before the launcher).
+    The daemon's own part of each add is read from its log (nodeapi_request, and the sync that
+    programmed it: `reconciled`, with the Maglev tables it rebuilt). The second node starts
+    here, so the change timings above ran beside one daemon only; it programs the same N
+    services before the first add."""
     import subprocess
     from ctl.state import services as svclib
     from ctl.state.model import Service
     from tests.e2e.rig import ATOMNET
+    command = installed_atomnet()
     svclib.add_service(store, Service.from_dict({
         "name": "podadd-probe", "vip": probe_vip, "selector": dict([PROBE_LABEL.split("=")]),
         "ports": [{"port": 80, "target_port": 8080, "proto": "tcp"}]}))
@@ -223,14 +260,16 @@ def pod_add_latencies(rig, node, store, maps: Maps, count: int, probe_vip: str, 
     rig.bench_maps.append(remote)
     wait_for(lambda: remote.backend_count(probe_vip, 80) is not None, timeout=900)
     wait_for(lambda: maps.backend_count(probe_vip, 80) is not None, timeout=60)
-    out: dict = {"pod_add": [], "pod_add_inproc": []}
+    ways = pod_add_ways(command, ATOMNET)
+    out: dict = {key: [] for key, _, _, _ in ways}
     for k in range(count):
-        for key, env in (("pod_add", {}), ("pod_add_inproc", {"ATOMNET_API_SOCKET": "off"})):
-            name = f"p{rig.uid}-{'x' if not env else 'y'}{k}"
+        for key, tag, cmd, env in ways:
+            name = f"p{rig.uid}-{tag}{k}"
             node.pods.append(name)   # the rig's teardown removes it
             before = remote.backend_count(probe_vip, 80)
+            offset = node.log_path.stat().st_size
             t0 = time.monotonic()
-            res = subprocess.run(node.nsenter + ATOMNET + ["-j", "pod", "add", name, "--label", PROBE_LABEL],
+            res = subprocess.run(node.nsenter + cmd + ["-j", "pod", "add", name, "--label", PROBE_LABEL],
                                  env={**node.env(), **env}, capture_output=True, text=True, timeout=120)
             cli = time.monotonic() - t0
             if res.returncode != 0:
@@ -238,12 +277,23 @@ def pod_add_latencies(rig, node, store, maps: Maps, count: int, probe_vip: str, 
             ip = json.loads(res.stdout)["ip"]
             t_ep = wait_for(lambda: maps.endpoint(ip) is not None)
             t_remote = wait_for(lambda: remote.backend_count(probe_vip, 80) == before + 1)
-            out[key].append({"wall": t_ep - t0, "remote": t_remote - t0, "cli": cli})
-    for key in ("pod_add", "pod_add_inproc"):
+            sample = {"wall": t_ep - t0, "remote": t_remote - t0, "cli": cli}
+            served = [e for e in daemon_events(node, offset, "nodeapi_request") if e.get("op") == "pod.add"]
+            if served:
+                sample["daemon"] = served[-1]["seconds"]
+                synced = daemon_events(node, offset, "reconciled")
+                if synced:
+                    sample["sync"], sample["tables_built"] = synced[0]["seconds"], synced[0].get("tables_built")
+            out[key].append(sample)
+    for key, _, _, _ in ways:
         lat = out[key]
+        daemon = [x["daemon"] for x in lat if "daemon" in x]
+        sync = [x["sync"] for x in lat if "sync" in x]
         log(f"  {key}: CLI start -> endpoint p50 {pctl([x['wall'] for x in lat], .5) * 1000:.1f} ms, -> backend on "
             f"another node p50 {pctl([x['remote'] for x in lat], .5) * 1000:.1f} ms (CLI exit p50 "
-            f"{pctl([x['cli'] for x in lat], .5) * 1000:.1f} ms, {len(lat)} adds)")
+            f"{pctl([x['cli'] for x in lat], .5) * 1000:.1f} ms, {len(lat)} adds"
+            + (f"; daemon's nodeapi_request p50 {pctl(daemon, .5) * 1000:.1f} ms" if daemon else "")
+            + (f", of which its sync p50 {pctl(sync, .5) * 1000:.1f} ms" if sync else "") + ")")
     return out
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from ctl.node.readiness import ready_path
 
 ATOMNET = [sys.executable, "-m", "ctl.cli"]
+# The command users run: what `make build` installs next to the venv's interpreter (ctl/launch.py's
+# launcher: Python without site until a verb needs it). The benchmark times this one.
+INSTALLED_ATOMNET = Path(sys.executable).parent / "atomnet"
 REPO = Path(__file__).resolve().parents[2]
 # Nodes join the cluster with the same script the Vagrant rig provisions with.
 BOOTSTRAP = REPO / "scripts" / "node-bootstrap.sh"

@@ -12,15 +12,15 @@ from pathlib import Path
 from ctl.runtimes import nodeapi
 from ctl.state.model import host_ifname
 from tests.e2e.cni_rig import CniNode
-from tests.e2e.rig import ATOMNET, in_pod, sh
+from tests.e2e.rig import ATOMNET, INSTALLED_ATOMNET, in_pod, sh
 from tests.e2e.test_cni import make_netns
 from tests.e2e.test_pods import serve_tcp, tcp_get
 
 OFF = {"ATOMNET_API_SOCKET": "off"}   # the CLI does the work itself, as with no daemon
 
 
-def cli(node, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(node.nsenter + ATOMNET + [str(a) for a in args], env={**node.env(), **(env or {})},
+def cli(node, *args, env: dict | None = None, cmd: list[str] = ATOMNET) -> subprocess.CompletedProcess:
+    return subprocess.run(node.nsenter + cmd + [str(a) for a in args], env={**node.env(), **(env or {})},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -32,10 +32,10 @@ def served(node, op: str) -> int:
                if '"event": "nodeapi_request"' in line and f'"op": "{op}"' in line)
 
 
-def pod_add(node, short: str, *extra, env=None) -> dict:
+def pod_add(node, short: str, *extra, env=None, cmd: list[str] = ATOMNET) -> dict:
     name = f"p{node.rig.uid}-{short}"
     node.pods.append(name)   # the rig's teardown removes it whatever happens
-    res = cli(node, "-j", "pod", "add", name, *extra, env=env)
+    res = cli(node, "-j", "pod", "add", name, *extra, env=env, cmd=cmd)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -86,6 +86,41 @@ def test_through_the_daemon_and_in_process_the_same_pod_the_same_dataplane(rig, 
     gone(node, a)
     gone(node, b)
     assert cli(node, "pod", "del", a["name"]).stdout.strip() == f"pod {a['name']} not found (nothing to do)"
+
+
+def test_the_installed_command_adds_and_deletes_the_same_pods(rig, node):
+    """The `atomnet` users run (make build's launcher, ctl/launch.py: Python without site until a
+    verb needs it), through the daemon and in its own process, against `python -m ctl.cli`: the
+    same pods, the same -j output, the same errors."""
+    installed = [str(INSTALLED_ATOMNET)]
+    assert "from ctl.launch import run" in INSTALLED_ATOMNET.read_text(), "make build installs the launcher"
+    a = pod_add(node, "la", "--label", "app=x", cmd=installed)
+    assert served(node, "pod.add") == 1
+    assert a["ip"] in {e["ip"] for e in node.atomnet_json("endpoint", "list")}, "programmed when pod add returns"
+    b = pod_add(node, "lb", "--label", "app=x", env=OFF, cmd=installed)
+    c = pod_add(node, "lc", "--label", "app=x")
+    assert served(node, "pod.add") == 2
+    unique = ("name", "ip", "netns", "host_ifname", "mac")
+    assert list(a) == list(b) == list(c)
+    assert {k: v for k, v in a.items() if k not in unique} == {k: v for k, v in b.items() if k not in unique} \
+        == {k: v for k, v in c.items() if k not in unique}
+    for p in (b, c):
+        node.wait_endpoint(p["ip"])
+    assert pod_shape(a) == pod_shape(b) == pod_shape(c)
+    for args in (["pod", "add", a["name"]], ["pod", "add", f"p{rig.uid}-lx", "--label", "novalue"],
+                 ["pod", "add", f"p{rig.uid}-lx", "--netns", f"/run/netns/absent{rig.uid}"], ["pod", "add"],
+                 ["-j", "pod", "del", f"p{rig.uid}-absent"], ["pod", "list"],
+                 ["-j", "endpoint", "list"], ["tunnel", "list"]):   # these two read the pins with bcc (site)
+        for env in (None, OFF):
+            want = cli(node, *args, env=env)
+            got = cli(node, *args, env=env, cmd=installed)
+            assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr), (args, env)
+    res = cli(node, "pod", "del", a["name"], cmd=installed)
+    assert res.returncode == 0 and res.stdout == f"pod {a['name']} deleted\n", res.stderr
+    res = cli(node, "-j", "pod", "del", b["name"], env=OFF, cmd=installed)
+    assert res.returncode == 0 and json.loads(res.stdout)[0]["name"] == b["name"], res.stderr
+    for p in (a, b):
+        gone(node, p)
 
 
 def test_failures_are_the_same_one_line_either_way_and_leave_nothing(rig, node):

@@ -110,3 +110,48 @@ def test_build_error_shows_clangs_message(tmp_path):
     res = subprocess.run(["make", "-s", "-C", str(REPO), f"OBJDIR={tmp_path}/out", f"{tmp_path}/out/broken.o",
                           f"BPF_DIR={broken}"], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "undefined_symbol" in res.stderr
+
+
+def _every_parser(parser, path=()):
+    """(path, parser) for every command path, filling each lazy parser on the way."""
+    yield path, parser.filled()
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for name, sub in action.choices.items():
+            yield from _every_parser(sub, (*path, name))
+
+
+def _outcome(parser, argv):
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            ns = vars(parser.parse_args(argv))
+            ns["func"] = ns["func"].__name__
+            result = ("parsed", ns)
+        except SystemExit as exc:
+            result = ("exit", exc.code)
+    return result, out.getvalue(), err.getvalue()
+
+
+LAZY_CASES = [[], ["bogus"], ["-j"], ["pod"], ["pod", "add"], ["pod", "add", "x", "--bogus"], ["-j", "pod"],
+              ["network", "init", "--cidr", "x", "--masquerade", "m"], ["daemon", "--log-level", "x"],
+              ["service", "add", "w"], ["ct", "list", "--nat", "z"], ["--node", "a", "pod", "list", "--node", "b"],
+              ["-j", "pod", "add", "x", "--label", "a=b", "--label", "c=d", "--store", "sqlite:///x"],
+              ["service", "add", "web", "--port", "80:8080/tcp", "--selector", "app=web", "-j"],
+              ["daemon", "--uplink", "eth1", "--upstream", "192.0.2.53", "--dns-ttl", "3"], ["pod", "list", "--store"]]
+
+
+def test_a_parser_built_on_first_use_prints_and_parses_as_one_built_whole(monkeypatch):
+    """build_parser fills a verb's parser when it is used (only the command's path is built):
+    help of every command path, usage errors and parsed values are the same as with every
+    parser filled up front."""
+    from ctl.cli import build_parser
+    monkeypatch.setenv("COLUMNS", "100")
+    eager = build_parser()
+    paths = [path for path, _ in _every_parser(eager)]
+    assert len(paths) > 40 and ("pod", "add") in paths
+    for argv in [[*path, "--help"] for path in paths] + LAZY_CASES:
+        lazy = _outcome(build_parser(), argv)
+        assert lazy == _outcome(eager, argv), argv
+        assert lazy[0][0] == "parsed" or lazy[1] or lazy[2], argv   # printed something, or parsed

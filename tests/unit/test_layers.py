@@ -8,7 +8,7 @@ import pytest
 
 CTL = Path(__file__).resolve().parents[2] / "ctl"
 # rank of each layer; errors/logs/output are shared utilities below everything
-RANK = {"errors": 0, "logs": 0, "output": 0, "defaults": 0, "state": 1, "node": 2, "dataplane": 3,
+RANK = {"errors": 0, "logs": 0, "output": 0, "defaults": 0, "launch": 0, "state": 1, "node": 2, "dataplane": 3,
         "observe": 4, "runtimes": 4, "dns": 4, "daemon": 5, "cli": 5}
 
 

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 
+from ... import launch
 from ...defaults import DEFAULT_BPFFS, DEFAULT_STORE
 from ...errors import AtomnetError
 from .. import nodeapi
@@ -59,6 +60,7 @@ def run(env, stdin: str) -> tuple[dict | None, int]:
             return delegate(env, stdin)
         except nodeapi.Unavailable:
             pass
+    launch.full_environment()   # the plugin imports pyroute2 and the store clients
     from ... import logs
     logs.configure("console", env.get("ATOMNET_LOG_LEVEL", "warning"))
     from .plugin import run as run_here

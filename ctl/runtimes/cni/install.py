@@ -1,8 +1,9 @@
 """`atomnet cni install`: the plugin executable and the network's conflist, for a runtime's
 CNI dirs (podman, containerd, kubelet read the same two).
 
-The executable is a two-line shell script that execs this installation's interpreter on
-the plugin module, so the runtime needs neither our venv on PATH nor PYTHONPATH; the
+The executable is a launcher (ctl/launch.py, like the `atomnet` command's) that runs this
+installation's interpreter without site on the plugin's entry, with the ctl package's
+directory written in, so the runtime needs neither our venv on PATH nor PYTHONPATH; the
 conflist carries this node's --store/--node/--bpffs, because runtimes call plugins with
 their own environment, not the user's.
 """
@@ -10,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import sys
 from pathlib import Path
 
-import ctl
-
+from ... import launch
 from ...errors import AtomnetError
 
 PLUGIN_TYPE = "atomnet"
@@ -25,14 +23,11 @@ CONFLIST_NAME = "10-atomnet.conflist"
 # containerd 1.6's libcni) and Debian 12's reference plugins stop at 1.0.0. The plugin
 # itself speaks 0.4.0, 1.0.0 and 1.1.0 (STATUS/GC).
 CONFLIST_VERSION = "1.0.0"
+ENTRY = "ctl.runtimes.cni.entry:main"   # what the shim runs: ADD/DEL through the node API, else in-process
 
 
 def shim_text(python: str | None = None) -> str:
-    python = python or sys.executable
-    root = str(Path(ctl.__file__).resolve().parents[1])   # where the ctl package lives
-    return ("#!/bin/sh\n# atomnet CNI plugin: written by `atomnet cni install`\n"
-            f"PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}} "
-            f"exec {shlex.quote(python)} -m ctl.runtimes.cni.entry \"$@\"\n")
+    return launch.script_text(ENTRY, python, what="atomnet CNI plugin, by `atomnet cni install`")
 
 
 def conflist(store: str, node: str, bpffs: str, chain: list[dict] | None = None,

@@ -6,7 +6,6 @@ and the conventions (CNI_ARGS keys, capability args `portMappings`, `ips`, `mac`
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import re
@@ -272,6 +271,7 @@ def pod_name(req: Request) -> str:
     clean = _sanitize(base) or "cni"
     if clean != base.lower() or len(clean) > 63:
         # changed or shortened: a hash of the original keeps distinct inputs distinct
+        import hashlib   # here: its OpenSSL binding costs ~2 ms of every plugin start (ADD/DEL go to the daemon)
         digest = hashlib.sha1(f"{base}".encode()).hexdigest()[:8]
         clean = f"{clean[:54].rstrip('-')}-{digest}"
     return clean
