@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctl.node.readiness import ready_path
+from ctl.node.readiness import overflow_path, ready_path
 
 ATOMNET = [sys.executable, "-m", "ctl.cli"]
 # The command users run: what `make build` installs next to the venv's interpreter (ctl/launch.py's
@@ -191,6 +191,7 @@ class Rig:
             sh("ip", "netns", "del", node.netns, check=False)
             shutil.rmtree(node.bpffs, ignore_errors=True)
             ready_path(node.bpffs).unlink(missing_ok=True)   # a SIGKILLed daemon leaves its readiness file
+            overflow_path(node.bpffs).unlink(missing_ok=True)   # and a daemon whose maps were too small, its overflow file
         for ns in self.extra_netns:
             sh("ip", "netns", "del", ns, check=False)
         if self.etcd:
