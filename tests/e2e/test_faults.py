@@ -45,17 +45,24 @@ class Holder:
         return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def echo_service(rig, node):
-    """Two echo backends behind one service, and two client pods."""
+def start_echo_service(rig, node, clients: int = 2) -> tuple[list[dict], list[dict], dict]:
+    """Two echo backends (app=echo) behind one service, both programmed, and client pods:
+    (backends, clients, service)."""
     backends = [node.add_pod(f"e{i}", "--label", "app=echo") for i in range(2)]
-    clients = [node.add_pod(f"h{i}") for i in range(2)]
-    for p in backends + clients:
+    pods = [node.add_pod(f"h{i}" if clients > 1 else "h") for i in range(clients)]
+    for p in backends + pods:
         node.wait_endpoint(p["ip"])
     for p in backends:
         tcp_echo(rig, p["name"], ECHO_PORT)
     svc = node.atomnet_json("service", "add", f"echo{rig.uid}", "--port", str(ECHO_PORT), "--selector", "app=echo")
     wait_service(node, svc["name"], 2)
+    return backends, pods, svc
+
+
+@pytest.fixture
+def echo_service(rig, node):
+    """Two echo backends behind one service, and two client pods."""
+    _, clients, svc = start_echo_service(rig, node)
     return svc, clients
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-from tests.e2e.test_faults import ECHO_PORT, Holder, wait_service
+from tests.e2e.test_faults import ECHO_PORT, Holder, start_echo_service, wait_service
 from tests.e2e.test_operations import scrape
-from tests.e2e.servers import tcp_echo
 
 LB_MAPS = ("services", "backends", "maglev")
 
@@ -37,15 +36,8 @@ def wait_until(cond, what: str, timeout: float = 15):
 
 
 def test_larger_maps_keep_every_entry_and_every_established_connection(rig, node):
-    backends = [node.add_pod(f"e{i}", "--label", "app=echo") for i in range(2)]
-    client = node.add_pod("h")
-    for p in [*backends, client]:
-        node.wait_endpoint(p["ip"])
-    for p in backends:
-        tcp_echo(rig, p["name"], ECHO_PORT)
-    svc = node.atomnet_json("service", "add", f"echo{rig.uid}", "--port", str(ECHO_PORT), "--selector", "app=echo")
+    backends, (client,), svc = start_echo_service(rig, node, clients=1)
     gone = node.atomnet_json("service", "add", f"gone{rig.uid}", "--port", "81", "--backend", backends[0]["name"])
-    wait_service(node, svc["name"], 2)
     wait_service(node, gone["name"], 1)
     holder = Holder(rig, client["name"], svc["vip"], 20)
     holder.wait_ready()

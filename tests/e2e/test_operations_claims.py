@@ -122,17 +122,10 @@ def test_upgrade_keeps_every_established_connection_on_its_backend(rig, node, tm
     entry keeps such a connection on its backend (without one, 20 connections all staying
     put has odds (2/3)^20, 0.03 %; a moved one is reset by its new backend)."""
     from tests.e2e.servers import tcp_echo
-    from tests.e2e.test_faults import ECHO_PORT, Holder, wait_service
+    from tests.e2e.test_faults import ECHO_PORT, Holder, start_echo_service, wait_service
     from tests.e2e.test_operations import build_objects
     objdir = build_objects(tmp_path, "-DMAX_CONNTRACK=524288")   # the "new version": conntrack doubled
-    backends = [node.add_pod(f"e{i}", "--label", "app=echo") for i in range(2)]
-    client = node.add_pod("h")
-    for p in [*backends, client]:
-        node.wait_endpoint(p["ip"])
-    for p in backends:
-        tcp_echo(rig, p["name"], ECHO_PORT)
-    svc = node.atomnet_json("service", "add", f"echo{rig.uid}", "--port", str(ECHO_PORT), "--selector", "app=echo")
-    wait_service(node, svc["name"], 2)
+    backends, (client,), svc = start_echo_service(rig, node, clients=1)
     holder = Holder(rig, client["name"], svc["vip"], 20)
     holder.wait_ready()
 

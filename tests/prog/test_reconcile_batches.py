@@ -23,6 +23,16 @@ PODS = [Pod(f"p{j}", "n1", f"10.244.1.{10 + j}", f"/run/netns/p{j}", host_ifname
 LINKS = {p.host_ifname: LinkInfo(100 + j, "02:aa:00:00:00:01") for j, p in enumerate(PODS)}
 
 
+def node_model() -> Model:
+    """Node n1's model with PODS and their LINKS, no services yet."""
+    model = Model("n1", table_size_for=lambda n: SIZE)
+    model.set_node(cluster=ClusterConfig(), overlay=OVERLAY, node_ip="192.168.0.1", netdevs=[1])
+    for p in PODS:
+        model.set_pod(p.name, p)
+    model.set_links(LINKS)
+    return model
+
+
 @pytest.fixture
 def maps(tmp_path):
     require_root()
@@ -43,11 +53,7 @@ def test_random_batches_leave_the_kernel_as_a_from_scratch_computation(maps, mon
     monkeypatch.setattr(maglev_tables, "COOL_SECONDS", 0.0)   # spares get reused between batches
     monkeypatch.setattr(maglev_tables, "BUILD_CHUNK", chunk)
     rng = random.Random(21)
-    model = Model("n1", table_size_for=lambda n: SIZE)
-    model.set_node(cluster=ClusterConfig(), overlay=OVERLAY, node_ip="192.168.0.1", netdevs=[1])
-    for p in PODS:
-        model.set_pod(p.name, p)
-    model.set_links(LINKS)
+    model = node_model()
     model.update()
     model.drain()
     rec = Reconciler(maps)

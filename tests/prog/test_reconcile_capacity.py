@@ -9,11 +9,10 @@ import pytest
 from ctl.dataplane import maglev_tables
 from ctl.dataplane.bpf.loader import Loader, close_loaded
 from ctl.dataplane.capacity import Capacity
-from ctl.dataplane.desired import MAGLEV, Model, freeze
+from ctl.dataplane.desired import MAGLEV, freeze
 from ctl.dataplane.reconcile import Reconciler, capacity_limits, without_table
-from ctl.state.model import ClusterConfig
 from tests.conftest import require_root
-from tests.prog.test_reconcile_batches import LINKS, OVERLAY, PODS, SIZE, service
+from tests.prog.test_reconcile_batches import PODS, node_model, service
 
 SIZES = {"services": 6, "backends": 14, "maglev": 8}   # 6 usable tables (2 kept for spares)
 
@@ -34,11 +33,7 @@ def test_a_state_larger_than_the_maps_programs_what_fits_every_sync(maps, monkey
     limits = capacity_limits(maps)
     assert limits == {"services": 6, "backends": 14, MAGLEV: 6}
     rng = random.Random(23)
-    model = Model("n1", table_size_for=lambda n: SIZE)
-    model.set_node(cluster=ClusterConfig(), overlay=OVERLAY, node_ip="192.168.0.1", netdevs=[1])
-    for p in PODS:
-        model.set_pod(p.name, p)
-    model.set_links(LINKS)
+    model = node_model()
     for i in range(12):   # twice what the services map holds, in the first sync
         model.set_service(f"s{i}", service(i, sorted(rng.sample([p.name for p in PODS], rng.randint(1, 4)))))
     model.update()
