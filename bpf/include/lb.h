@@ -196,11 +196,23 @@ static __always_inline int reply_is_stale(const struct ct_key *rk, const struct 
  * same (felix #2983); Cilium documents the multi-VIP case as a known limitation.
  * Costs one lookup per new flow; the established path never runs it.
  */
+/* A TCP flow whose backend never answered, quiet this long, is not protected from a clash:
+ * such a flow is what a forward packet sent after its flow's RST re-creates (the client's
+ * last ACK, from the other CPU, overtaken by the RST that deleted the flow), and nothing
+ * will ever answer it; it held the tuple for the 6 h of an established flow (one connection
+ * in a few thousand refused through another VIP, issue 16). A live handshake's SYN-ACK
+ * comes well within it, and a client still waiting retransmits its SYN after 1 s, which
+ * refreshes its reply entry (ct_restore_reply). */
+#define CT_UNANSWERED_NS NSEC
+
 static __always_inline int reply_key_clashes(const struct ct_key *rk, const struct flow *f, __be32 snat, __u64 now)
 {
 	struct ct_entry *rev = bpf_map_lookup_elem(&conntrack, rk);
 
 	if (!rev || ct_reply_is_of(rev, f, snat) || ct_expired(rev, now, f->proto))
+		return 0;
+	if (f->proto == IPPROTO_TCP && !(rev->flags & CT_F_SEEN_REPLY) &&
+	    ct_quiet_for(rev->last_seen_ns, now) >= CT_UNANSWERED_NS)
 		return 0;
 	return !reply_is_stale(rk, rev, now);
 }

@@ -192,6 +192,44 @@ def test_a_second_frontend_to_the_same_backend_from_the_same_port_does_not_steal
     assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (VIP2, 80)
 
 
+def test_a_flow_recreated_after_its_rst_and_never_answered_blocks_no_other_frontend(harness):
+    """The client's last ACK, sent from the other CPU, can reach from_pod after its RST
+    deleted the flow: it re-creates the flow, which nothing will ever answer. It is
+    protected like a live flow for CT_UNANSWERED_NS (1 s), no longer: it used to hold the
+    tuple for 6 h, refusing that pod port through every other VIP of the backend (the bench
+    smoke: one connection in a few thousand timed out, SYN retransmitted twice)."""
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)], sid=1)
+    program_service(harness, VIP2, 80, "tcp", [(B["ip"], 8080)], sid=2)
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45210, dport=80, flags="S"))
+    send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45210, flags="SA"))
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45210, dport=80, flags="R"))
+    assert not entries(harness, CtDir.CT_FORWARD), "the RST ended the flow"
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45210, dport=80, flags="A"))   # late ACK
+    assert len(entries(harness, CtDir.CT_FORWARD)) == 1, "re-created"
+    rc, _ = send(harness, A, IP(src=A["ip"], dst=VIP2) / TCP(sport=45210, dport=80, flags="S"))
+    assert rc == TC_ACT_SHOT, "within the first second it is protected like any new flow"
+    stamp(harness, CtDir.CT_REPLY, time.monotonic_ns() - 2 * 10**9)
+    rc, pkt = send(harness, A, IP(src=A["ip"], dst=VIP2) / TCP(sport=45210, dport=80, flags="S"))
+    assert rc == TC_ACT_REDIRECT and (pkt[IP].dst, pkt[TCP].dport) == (B["ip"], 8080)
+    rc, rep = send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45210, flags="SA"))
+    assert rc == TC_ACT_REDIRECT and (rep[IP].src, rep[TCP].sport) == (VIP2, 80)
+    assert harness.counter(CounterId.CTR_DROP_TUPLE_CLASH) == 1
+
+
+def test_an_answered_flow_stays_protected_however_quiet(harness):
+    """The other side of that rule: a flow its backend answered keeps the tuple while it lives."""
+    setup(harness)
+    program_service(harness, VIP, 80, "tcp", [(B["ip"], 8080)], sid=1)
+    program_service(harness, VIP2, 80, "tcp", [(B["ip"], 8080)], sid=2)
+    send(harness, A, IP(src=A["ip"], dst=VIP) / TCP(sport=45211, dport=80, flags="S"))
+    send(harness, B, IP(src=B["ip"], dst=A["ip"]) / TCP(sport=8080, dport=45211, flags="SA"))
+    stamp(harness, CtDir.CT_REPLY, time.monotonic_ns() - 60 * 10**9)
+    stamp(harness, CtDir.CT_FORWARD, time.monotonic_ns() - 60 * 10**9)
+    rc, _ = send(harness, A, IP(src=A["ip"], dst=VIP2) / TCP(sport=45211, dport=80, flags="S"))
+    assert rc == TC_ACT_SHOT and harness.counter(CounterId.CTR_DROP_TUPLE_CLASH) == 1
+
+
 def test_a_udp_flow_to_a_second_frontend_is_refused_while_the_first_lives(harness):
     setup(harness)
     program_service(harness, VIP, 53, "udp", [(B["ip"], 5353)], sid=1)
