@@ -192,6 +192,17 @@ static __always_inline int snat_port_published(__be32 node, __be16 port, __u8 pr
 	return proto != IPPROTO_ICMP && bpf_map_lookup_elem(&services, &sk) != NULL;
 }
 
+/* May the new flow f take over the claim `in`, last stamped `seen`? (See snat_claim.) */
+static __always_inline int snat_claimable(const struct ct_entry *in, __u64 seen, __u64 now, const struct flow *f,
+					  int ended_too)
+{
+	__u64 quiet = ct_quiet_for(seen, now);
+
+	return quiet > ct_timeout(in, f->proto) ||
+	       (ended_too && f->proto == IPPROTO_TCP && (f->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN &&
+		snat_ended(in) && quiet >= SNAT_REUSE_QUIET_NS);
+}
+
 /*
  * Claims the node port of key ik for the new flow f (entry `fresh`): 0 when it is ours.
  * Absent: inserted with BPF_NOEXIST (of two CPUs, one wins). Present: taken over when
@@ -204,17 +215,6 @@ static __always_inline int snat_port_published(__be32 node, __be16 port, __u8 pr
  * A published port is never claimed; that lookup comes last, as most candidates of a busy
  * range fail on their claim first.
  */
-/* May the new flow f take over the claim `in`, last stamped `seen`? (See snat_claim.) */
-static __always_inline int snat_claimable(const struct ct_entry *in, __u64 seen, __u64 now, const struct flow *f,
-					  int ended_too)
-{
-	__u64 quiet = ct_quiet_for(seen, now);
-
-	return quiet > ct_timeout(in, f->proto) ||
-	       (ended_too && f->proto == IPPROTO_TCP && (f->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN &&
-		snat_ended(in) && quiet >= SNAT_REUSE_QUIET_NS);
-}
-
 static __always_inline int snat_claim(struct ct_key *ik, const struct ct_entry *fresh, __u64 now,
 				      const struct flow *f, int ended_too)
 {
