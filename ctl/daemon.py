@@ -156,6 +156,7 @@ class Daemon:
         self.frontend_series = FrontendSeries()   # the scrape's per-frontend label lines, kept
         self.model = Model(node_name, debug_events=debug_events)
         self.reconciler: Reconciler | None = None
+        self._overflows: dict | None = None   # map -> Overflow last reported; None: none yet (report_overflow)
         self.dns = dns or DnsService()   # cluster DNS on the DNS VIP (ctl/dns/): its own server threads
         # (kind, payload) from the source threads, and ("wake", None) from the signal handlers:
         # SimpleQueue.put is reentrant (safe from a signal handler), so a signal ends the
@@ -381,7 +382,7 @@ class Daemon:
         list` reads (ctl/node/readiness.py) follow."""
         from .dataplane.mapsizes import flag_for
         now = {o.map: o for o in self.reconciler.capacity.overflows}
-        before = getattr(self, "_overflows", None)   # None: the first pass also clears an old file
+        before = self._overflows   # None: the first pass also clears an old file
         if now == before:
             return
         before = before or {}
