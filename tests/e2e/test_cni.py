@@ -169,8 +169,11 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
     rig.spawn(subprocess.Popen(["ip", "netns", "exec", peer["name"], "busybox", "httpd", "-f", "-p", "80", "-h",
                                 str(build_www(tmp_path))]))
     ctrd = Containerd(cni, tmp_path, images[1])
+    # IDs carry the test's tag: the runc shim keeps its state in /run/containerd/runc/<namespace>
+    # whatever containerd's own root, so two suites at once would clash on a fixed ID
+    once, detached = f"c1-{rig.uid}", f"c2-{rig.uid}"
     try:
-        out = ctrd.ctr("run", "--rm", "--snapshotter", "native", "--cni", IMAGE, "c1", "sh", "-c",
+        out = ctrd.ctr("run", "--rm", "--snapshotter", "native", "--cni", IMAGE, once, "sh", "-c",
                        "ip -4 addr show eth0; " + WGET_RETRY.format(url=f"http://{peer['ip']}/"), cni_dirs=True,
                        check=False, timeout=120)
         assert out.returncode == 0 and HELLO in out.stdout, out.stdout + out.stderr
@@ -179,18 +182,18 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
         # netns having died with the task: then that DEL found nothing, which is fine)
         assert not [p for p in node.atomnet_json("pod", "list") if p["runtime"] == "cni"]
         # detached, then the task deleted the way the issue says
-        ctrd.ctr("run", "-d", "--snapshotter", "native", "--cni", IMAGE, "c2", "sleep", "300", cni_dirs=True)
-        pod = pod_of(node, "default-c2")
-        assert pod["name"] == "default-c2" and pod["netns"].startswith("/proc/")
+        ctrd.ctr("run", "-d", "--snapshotter", "native", "--cni", IMAGE, detached, "sleep", "300", cni_dirs=True)
+        pod = pod_of(node, f"default-{detached}")
+        assert pod["name"] == f"default-{detached}" and pod["netns"].startswith("/proc/")
         node.wait_endpoint(pod["ip"])
         assert in_pod(peer["name"], "ping", "-c", "1", "-W", "2", pod["ip"], check=False).returncode == 0
         # a host port owned by the container, as a portMappings capability makes it (ctr has no -p)
         owned_forward(node, pod["name"], 80, 18081)
         assert [f["owner"] for f in node.atomnet_json("forward", "list")] == [pod["name"]]
-        ctrd.ctr("task", "kill", "-s", "SIGKILL", "c2")
-        ctrd.wait_stopped("c2")   # kill only signals: delete refuses a task not yet stopped
-        ctrd.ctr("task", "delete", "c2")
-        ctrd.ctr("container", "delete", "c2")
+        ctrd.ctr("task", "kill", "-s", "SIGKILL", detached)
+        ctrd.wait_stopped(detached)   # kill only signals: delete refuses a task not yet stopped
+        ctrd.ctr("task", "delete", detached)
+        ctrd.ctr("container", "delete", detached)
         # ctr 1.6 runs CNI only in `ctr run` (ADD, and DEL with --rm). Nothing holds a `ctr run
         # --cni` netns (/proc/PID/ns/net) but the task's process: once it died the kernel deleted
         # the veth with the netns (seen already after the kill), and the daemon released the pod
@@ -201,7 +204,7 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
             time.sleep(0.1)
         assert not ipam_holder(rig, pod["ip"]), "the address is free again"
         released = [line for line in node.log_path.read_text().splitlines() if '"event": "cni_pod_released"' in line]
-        assert [line for line in released if '"pod": "default-c2"' in line], released
+        assert [line for line in released if f'"pod": "default-{detached}"' in line], released
     finally:
         ctrd.teardown()
 
