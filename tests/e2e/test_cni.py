@@ -172,6 +172,7 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
     # IDs carry the test's tag: the runc shim keeps its state in /run/containerd/runc/<namespace>
     # whatever containerd's own root, so two suites at once would clash on a fixed ID
     once, detached = f"c1-{rig.uid}", f"c2-{rig.uid}"
+    detached_pod = f"default-{detached}"   # ctr gives CNI "<namespace>-<id>" as the container id: the pod name
     try:
         out = ctrd.ctr("run", "--rm", "--snapshotter", "native", "--cni", IMAGE, once, "sh", "-c",
                        "ip -4 addr show eth0; " + WGET_RETRY.format(url=f"http://{peer['ip']}/"), cni_dirs=True,
@@ -183,8 +184,8 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
         assert not [p for p in node.atomnet_json("pod", "list") if p["runtime"] == "cni"]
         # detached, then the task deleted the way the issue says
         ctrd.ctr("run", "-d", "--snapshotter", "native", "--cni", IMAGE, detached, "sleep", "300", cni_dirs=True)
-        pod = pod_of(node, f"default-{detached}")
-        assert pod["name"] == f"default-{detached}" and pod["netns"].startswith("/proc/")
+        pod = pod_of(node, detached_pod)
+        assert pod["name"] == detached_pod and pod["netns"].startswith("/proc/")
         node.wait_endpoint(pod["ip"])
         assert in_pod(peer["name"], "ping", "-c", "1", "-W", "2", pod["ip"], check=False).returncode == 0
         # a host port owned by the container, as a portMappings capability makes it (ctr has no -p)
@@ -204,7 +205,7 @@ def test_containerd_ctr_run_cni(rig, cluster, images, tmp_path):
             time.sleep(0.1)
         assert not ipam_holder(rig, pod["ip"]), "the address is free again"
         released = [line for line in node.log_path.read_text().splitlines() if '"event": "cni_pod_released"' in line]
-        assert [line for line in released if f'"pod": "default-{detached}"' in line], released
+        assert [line for line in released if f'"pod": "{detached_pod}"' in line], released
     finally:
         ctrd.teardown()
 
