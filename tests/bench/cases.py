@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
 import resource
 import tempfile
 import time
@@ -489,7 +490,8 @@ class Bench:
         keys = ("atomnet program", "atomnet program reconcile", "iptables program", "atomnet change p50",
                 "atomnet change p99", "atomnet small change p50", "atomnet small change p99", "iptables change",
                 "atomnet rss", "atomnet hwm", "pod add", "pod add remote", "pod add in-process",
-                "pod add remote in-process", "pod add python -m", "pod add daemon", "pod add sync", "scrape", "idle")
+                "pod add remote in-process", "pod add python -m", "pod add daemon", "pod add sync", "scrape", "idle",
+                "load")
         s = {k: Series(k) for k in keys}
         eps = tuple((f"10.249.1.{10 + j}", HTTP_PORT) for j in range(nb))
         full = [rules.KubeService(f"default/s{i}", vip(i), SVC_PORT, eps) for i in range(n)]
@@ -504,6 +506,8 @@ class Bench:
         with paused(main.daemon if main else None):   # the main node's daemon must not compete
             for r in range(c.reps):
                 last = r == c.reps - 1
+                # What else ran on the 2 CPUs: the figures are only comparable between runs with it.
+                s["load"].samples.append(Sample(os.getloadavg()[0]))
                 a = run_node(self.rig.tmp, self.uids, n, nb, pool, c.cp_changes, self.atomnet_apply,
                              idle_window=window if last else 0.0, metrics_port=9641, pod_adds=c.cp_pod_adds,
                              log=self.log)
@@ -534,7 +538,9 @@ class Bench:
                 s["iptables change"].samples.append(Sample(ch))
         label = f"{n:,}".replace(",", " ")
         slabel = f"{small:,}".replace(",", " ")
-        contention = "machine shared with other engineers' test runs (load average ~10 on 2 CPUs while measured)"
+        lo, hi = s["load"].spread
+        contention = (f"1-minute load average before each repetition: median {s['load'].median:.1f} "
+                      f"[{lo:.1f}–{hi:.1f}] on {os.cpu_count()} CPUs")
         self.rows += [
             Row(f"control plane: program {label} services × {nb} backends, each its own set", "time (apply → reconciled)",
                 "s", s["atomnet program"].renamed("atomnet"), s["iptables program"].renamed("iptables-restore"),

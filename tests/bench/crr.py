@@ -26,17 +26,22 @@ import time
 LINGER_RST = struct.pack("ii", 1, 0)
 
 
-def counters() -> dict[str, int]:
-    """TcpExt and Tcp counters of the calling process's network namespace."""
+def parse_counters(*texts: str) -> dict[str, int]:
+    """Proto.Name -> value, from /proc/net/netstat or /proc/net/snmp text (a line of names, then their values)."""
     out: dict[str, int] = {}
-    for path in ("/proc/net/netstat", "/proc/net/snmp"):
-        lines = open(path).read().splitlines()
+    for text in texts:
+        lines = text.splitlines()
         for names, values in zip(lines[::2], lines[1::2]):
             proto, _, names = names.partition(":")
             _, _, values = values.partition(":")
             for n, v in zip(names.split(), values.split()):
                 out[f"{proto}.{n}"] = int(v)
     return out
+
+
+def counters() -> dict[str, int]:
+    """TcpExt and Tcp counters of the calling process's network namespace."""
+    return parse_counters(*(open(path).read() for path in ("/proc/net/netstat", "/proc/net/snmp")))
 
 
 # A connect this slow waited for a SYN retransmission (initial RTO 1 s), not for a busy CPU.

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from ctl.observe.metrics import DROP_COUNTERS
 from tests.conftest import require_root
+from tests.e2e.capture import CONTROL_FLAGS, Capture, KernelDrops, explain_syn_retransmissions
 from tests.e2e.rig import Rig, in_pod, sh, spawn_in_pod
 from tests.e2e.servers import nginx, wait_listening
 
@@ -164,10 +166,17 @@ def test_long_and_short_flows_from_one_pod_never_reset(rig, net):
     the same time RST-closed short connections to ONE destination that keep retaking masquerade ports.
     Before the fix, one CPU's clock read older than the other CPU's stamp made a live
     entry look expired: iperf3 was reset in most runs, crr lost connections. 0 allowed."""
-    rt, pod = net["rt"], net["pods"]["b1"]["name"]
+    rt, n1, pod = net["rt"], net["n1"], net["pods"]["b1"]["name"]
     iperf = rig.spawn(subprocess.Popen(["ip", "netns", "exec", rt.netns, "iperf3", "-s", "-p", str(IPERF_PORT)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     wait_listening(rt.netns, IPERF_PORT)
+    # Kept only for a failure's message: where a retransmitted iperf3 SYN's first copy went.
+    watched = f"tcp port {IPERF_PORT} and ({CONTROL_FLAGS})"
+    at_pod = Capture(pod, "eth0", watched, rig.tmp / "egress-pod.pcap")
+    rig.spawn(at_pod.proc)   # the rig's teardown ends it if anything below fails first
+    at_server = Capture(rt.netns, "uplink0", watched, rig.tmp / "egress-rt.pcap")
+    rig.spawn(at_server.proc)
+    drops, counted = KernelDrops(pod, rt.netns, n1.netns), stats(n1)
     crr = rig.spawn(spawn_in_pod(pod, "/usr/bin/python3", CRR, WORLD, "80", LOAD_SECONDS, "--warmup", "0", "--procs", "2"))
     errors, runs, deadline = [], 0, time.monotonic() + LOAD_SECONDS
     try:
@@ -181,14 +190,22 @@ def test_long_and_short_flows_from_one_pod_never_reset(rig, net):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        at_pod.stop()
+        at_server.stop()
     failures = {"iperf3 runs failed": len(errors), "connections failed": r["failed"],
                 "SYN retransmissions": r["syn_retrans"]}
-    # The SYN counter is the pod's, iperf3's sockets included: slow_connects says how many were crr's.
-    whose = (f"crr connects that waited for a retransmitted SYN: {r['slow_connects']}"
-             + ("" if r["slow_connects"] else " (so every retransmitted SYN was an iperf3 socket's)"))
-    assert not any(failures.values()), f"{failures} of {runs} iperf3 runs, {whose}, {r}; {errors[:2]}"
+    if any(failures.values()):
+        # The SYN counter is the pod's, iperf3's sockets included: slow_connects says how many were crr's.
+        whose = (f"crr connects that waited for a retransmitted SYN: {r['slow_connects']}"
+                 + ("" if r["slow_connects"] else " (so every retransmitted SYN was an iperf3 socket's)"))
+        dataplane = {k: v - counted.get(k, 0) for k, v in stats(n1).items()
+                     if k.startswith("drop_") or k in DROP_COUNTERS}
+        raise AssertionError(
+            f"{failures} of {runs} iperf3 runs, {whose}, {r}; {errors[:2]}; kernel drops {drops.increases()}; "
+            f"n1's dataplane drops {dataplane}; iperf3 segments: "
+            f"{explain_syn_retransmissions(at_pod.lines(), at_server.lines())}")
     assert runs >= 5 and r["connections"] > 1000, (runs, r)
-    assert stats(net["n1"])["snat_port_exhausted"] == 0
+    assert stats(n1)["snat_port_exhausted"] == 0
 
 
 SEND_DF = f"""
