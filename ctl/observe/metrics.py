@@ -170,6 +170,10 @@ RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 DROP_COUNTERS = {"snat_port_exhausted"}
 
 
+def is_drop_counter(name: str) -> bool:
+    return name.startswith("drop_") or name in DROP_COUNTERS
+
+
 class DataplaneCollector:
     """Reads the pinned maps of this node on every scrape."""
 
@@ -186,7 +190,7 @@ class DataplaneCollector:
         for row in snap.get("counters", []):
             packets.add_metric([row["counter"]], row["packets"])
             nbytes.add_metric([row["counter"]], row["bytes"])
-            if row["counter"].startswith("drop_") or row["counter"] in DROP_COUNTERS:
+            if is_drop_counter(row["counter"]):
                 drops.add_metric([row["counter"].removeprefix("drop_")], row["packets"])
         yield from (packets, nbytes, drops)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ctl.observe.metrics import DROP_COUNTERS
+from ctl.observe.metrics import is_drop_counter
 from tests.conftest import require_root
 from tests.e2e.capture import CONTROL_FLAGS, Capture, KernelDrops, explain_syn_retransmissions
 from tests.e2e.rig import Rig, in_pod, sh, spawn_in_pod
@@ -198,8 +198,7 @@ def test_long_and_short_flows_from_one_pod_never_reset(rig, net):
         # The SYN counter is the pod's, iperf3's sockets included: slow_connects says how many were crr's.
         whose = (f"crr connects that waited for a retransmitted SYN: {r['slow_connects']}"
                  + ("" if r["slow_connects"] else " (so every retransmitted SYN was an iperf3 socket's)"))
-        dataplane = {k: v - counted.get(k, 0) for k, v in stats(n1).items()
-                     if k.startswith("drop_") or k in DROP_COUNTERS}
+        dataplane = {k: v - counted.get(k, 0) for k, v in stats(n1).items() if is_drop_counter(k)}
         raise AssertionError(
             f"{failures} of {runs} iperf3 runs, {whose}, {r}; {errors[:2]}; kernel drops {drops.increases()}; "
             f"n1's dataplane drops {dataplane}; iperf3 segments: "
