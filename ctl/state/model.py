@@ -80,6 +80,8 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 
 def parse_network(cidr: str, what: str = "cluster network") -> ipaddress.IPv4Network:
+    if not isinstance(cidr, str):   # ipaddress reads an int (or bool) as an address: 1 -> 0.0.0.1/32
+        raise ValidationError(f"invalid {what} {cidr!r}: not a string")
     try:
         net = ipaddress.IPv4Network(cidr, strict=True)
     except ValueError as exc:

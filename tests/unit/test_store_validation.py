@@ -243,3 +243,11 @@ def test_a_runtime_pod_before_its_runtime_says_where_it_lives_is_valid():
     assert validate.pod(GOOD["pod"][0], json.dumps(doc), NET).runtime == "docker"
     with pytest.raises(ValidationError, match="empty netns"):
         validate.pod(GOOD["pod"][0], json.dumps(dict(doc, runtime="")), NET)
+
+
+@pytest.mark.parametrize("entry", [True, 1, 167772160, ["10.0.0.0/8"]])
+def test_a_cidr_stored_as_anything_but_a_string_is_refused(entry):
+    """ipaddress reads an integer (or a bool) as an address: 167772160 would be 10.0.0.0/32,
+    true 0.0.0.1/32. A CIDR in the store is text, so anything else is refused."""
+    with pytest.raises(ValidationError, match="not a string"):
+        validate.cluster_config(ATOMNET_CONFIG_KEY, json.dumps({"no_masquerade_cidrs": [entry]}))
