@@ -469,6 +469,8 @@ def forward_id(node: str, proto: str, host_port: int) -> str:
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
+    if not isinstance(text, str):
+        raise ValidationError(f"invalid port range {text!r}: not a string")
     lo, _, hi = text.partition("-")
     try:
         a, b = int(lo), int(hi)

@@ -139,9 +139,8 @@ def _build(cls, key: str, doc: dict):
 # ---------------------------------------------------------------- one function per kind
 
 def network_config(key: str, text: str) -> NetworkConfig:
-    doc = _doc(key, text)
-    _str(doc.get("Network"), "Network")
-    cfg = NetworkConfig.from_json(text)
+    _doc(key, text)
+    cfg = NetworkConfig.from_json(text)   # parse_network refuses a Network that is not a string
     _int(cfg.vni, "VNI", 0, _VNI_MAX)
     parse_port(cfg.port, "VXLAN port")
     for what, value in (("SubnetMin", cfg.subnet_min), ("SubnetMax", cfg.subnet_max)):
@@ -151,11 +150,8 @@ def network_config(key: str, text: str) -> NetworkConfig:
 
 
 def cluster_config(key: str, text: str) -> ClusterConfig:
-    doc = _doc(key, text)
-    for field in ("service_cidr", "node_port_range"):
-        if field in doc:
-            _str(doc[field], field)
-    cfg = ClusterConfig.from_json(text)
+    _doc(key, text)
+    cfg = ClusterConfig.from_json(text)   # parse_network and parse_port_range refuse what is not a string
     parse_port_range(cfg.node_port_range)
     return cfg
 
