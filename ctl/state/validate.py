@@ -19,8 +19,8 @@ from collections import Counter
 import structlog
 
 from .model import (DEFAULT_SUBNET_LEN, MAX_AFFINITY_SECONDS, PROTOCOLS, SUBNETS_PREFIX, ClusterConfig, Forward,
-                    Lease, NetworkConfig, Node, Pod, Service, ValidationError, parse_port, parse_port_range,
-                    validate_name)
+                    Lease, NetworkConfig, Node, Pod, Service, ValidationError, parse_network, parse_port,
+                    parse_port_range, validate_name)
 
 log = structlog.get_logger("atomnet.validate")
 
@@ -207,10 +207,7 @@ def node(key: str, text: str) -> Node:
     if not _IFNAME_RE.match(_str(n.uplink, "uplink")):
         raise ValidationError(f"{key}: uplink {n.uplink!r} is not an interface name")
     _int(n.mtu, "MTU", 68 + 50, 65535)
-    try:
-        ipaddress.IPv4Network(_str(n.subnet, "subnet"))
-    except ValueError:
-        raise ValidationError(f"{key}: subnet {n.subnet!r} is not an IPv4 network") from None
+    parse_network(n.subnet, "subnet")
     unicast_mac(n.vtep_mac, "VtepMAC")
     return n
 

@@ -251,3 +251,10 @@ def test_a_cidr_stored_as_anything_but_a_string_is_refused(entry):
     true 0.0.0.1/32. A CIDR in the store is text, so anything else is refused."""
     with pytest.raises(ValidationError, match="not a string"):
         validate.cluster_config(ATOMNET_CONFIG_KEY, json.dumps({"no_masquerade_cidrs": [entry]}))
+
+
+@pytest.mark.parametrize("subnet", [5, True, None, "10.244.1.1/24", "10.244.1.0/33", ["10.244.1.0/24"]])
+def test_a_node_whose_subnet_is_not_an_ipv4_network_is_refused(subnet):
+    key, doc = GOOD["node"]
+    with pytest.raises(ValidationError, match="invalid subnet"):
+        validate.node(key, json.dumps({**doc, "subnet": subnet}))
